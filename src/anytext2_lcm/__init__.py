@@ -1,0 +1,3 @@
+"""anytext2-lcm: AnyText2 in modern PyTorch and its few-step LoRA students."""
+
+__version__ = "0.1.0"
