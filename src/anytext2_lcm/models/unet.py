@@ -1,0 +1,77 @@
+"""The AnyText2 denoising UNet: SD-1.5's UNet (ldm layout) with AttnX, consuming WriteNet residuals.
+
+Pure: ``forward(x, t, context, control)`` takes the control residuals as an input (computed once per sample by
+the WriteNet, see ``writenet.py``); nothing is cached between calls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import UNetConfig
+from .blocks import (ResBlock, SpatialTransformer, TimestepEmbedSequential, Upsample, build_encoder, build_middle,
+                     group_norm, time_embed_mlp, timestep_embedding)
+
+
+class UNet(nn.Module):
+    """ε-prediction UNet (``model.diffusion_model``).
+
+    Children in the original's order: ``time_embed``, ``input_blocks``, ``middle_block``, ``output_blocks``, ``out``.
+    AttnX lives in the middle block (``mid_attnx``) and in the decoder levels listed in ``output_attnx_level``.
+    """
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        mc = cfg.model_channels
+        self.time_embed = time_embed_mlp(mc)
+        self.input_blocks, ch, chans = build_encoder(cfg, attnx=cfg.input_attnx)
+        self.middle_block = build_middle(cfg, ch, attnx=cfg.mid_attnx)
+        self.output_blocks = nn.ModuleList()
+        ds = 2 ** (len(cfg.channel_mult) - 1)
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            attnx = cfg.output_attnx and level in cfg.output_attnx_level
+            for i in range(cfg.num_res_blocks + 1):
+                layers: list[nn.Module] = [ResBlock(ch + chans.pop(), mc * 4, mc * mult)]
+                ch = mc * mult
+                if ds in cfg.attention_resolutions:
+                    layers.append(SpatialTransformer(ch, cfg.num_heads, ch // cfg.num_heads, cfg.transformer_depth,
+                                                     cfg.context_dim, attnx=attnx))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                control: list[torch.Tensor] | None = None, attnx_scale: float = 1.0) -> torch.Tensor:
+        """Predict ε.
+
+        Args:
+            x: (B, 4, h, w) noisy latents x_t.
+            timesteps: (B,) integer timesteps.
+            context: (B, 77·k, D) image-prompt context (UNet and AttnX cross-attention).
+            control: None (no text control) or the WriteNet residuals in encoder order, already scaled:
+                one per input block then the middle block, e.g. 13 tensors for SD-1.5.
+            attnx_scale: multiplier of the AttnX branches.
+        Returns:
+            (B, 4, h, w) ε prediction.
+        """
+        if control is not None and len(control) != len(self.input_blocks) + 1:
+            raise ValueError(f"control: expected {len(self.input_blocks) + 1} residuals, got {len(control)}")
+        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
+        hs = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context, attnx_scale)
+            hs.append(h)
+        h = self.middle_block(h, emb, context, attnx_scale)
+        if control is not None:
+            h = h + control[-1]
+        for i, block in enumerate(self.output_blocks):
+            skip = hs.pop()
+            if control is not None:
+                skip = skip + control[-(i + 2)]
+            h = block(torch.cat([h, skip], dim=1), emb, context, attnx_scale)
+        return self.out(h)
