@@ -67,7 +67,7 @@ class TextInfo:
                 raise ValueError(f"TextInfo.{name}: {getattr(self, name).shape[1]} line slots != glyphs' {L}")
         if self.n_lines.shape != (B,):
             raise ValueError(f"TextInfo.n_lines: expected shape ({B},), got {tuple(self.n_lines.shape)}")
-        if int(self.n_lines.max(initial=0)) > L or int(self.n_lines.min(initial=0)) < 0:
+        if self.n_lines.numel() and (int(self.n_lines.max()) > L or int(self.n_lines.min()) < 0):
             raise ValueError(f"TextInfo.n_lines={self.n_lines.tolist()}: must lie in [0, {L}]")
 
     @property

@@ -233,7 +233,8 @@ class OCRConfig:
     neck_hidden_dims: int = 120
     """SVTR block width."""
     neck_use_guide: bool = True
-    """Detach the SVTR input from the backbone (PP-OCRv3 'use_guide')."""
+    """PP-OCRv3 'use_guide' flag. Informational: the original torch port's detach is a no-op, so the backbone
+    still receives gradients (reproduced as is)."""
     num_classes: int = 6625
     """CTC classes (ppocr_keys_v1: 6623 characters + blank + space)."""
     image_shape: tuple[int, int, int] = (3, 48, 320)

@@ -129,7 +129,7 @@ class AnyText2(nn.Module):
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, image_context: torch.Tensor,
                 control: list[torch.Tensor] | None, strength: float | list[float] = 1.0,
-                attnx_scale: float = 1.0) -> torch.Tensor:
+                attnx_scale: float = 1.0, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """ε prediction.
 
         Args:
@@ -139,6 +139,7 @@ class AnyText2(nn.Module):
             control: WriteNet residuals or None (no text control).
             strength: control scale (one value, or one per residual as the original's ``control_scales``).
             attnx_scale: AttnX strength.
+            context_mask: (B, 77·k) bool valid-token mask of a padded ``image_context`` (None: no padding).
         """
         if t.dim() == 0:
             t = t.expand(x.shape[0])
@@ -147,7 +148,7 @@ class AnyText2(nn.Module):
             if len(scales) < len(control):
                 raise ValueError(f"strength: {len(scales)} scales for {len(control)} residuals")
             control = [c * s for c, s in zip(control, scales)]
-        return self.unet(x, t, image_context, control, attnx_scale)
+        return self.unet(x, t, image_context, control, attnx_scale, context_mask)
 
     # ---- latents ----------------------------------------------------------------------------------------------
 

@@ -107,6 +107,7 @@ class CrossAttention(nn.Module):
     """Multi-head (self- or cross-) attention with ldm key names ``to_q/to_k/to_v/to_out.0``.
 
     x (B, N, C) attends to context (B, M, C_ctx) (or to itself when context is None) → (B, N, C).
+    ``mask`` (B, M) bool marks the valid context tokens (None: all valid); padded tokens get no weight.
     """
 
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, dropout: float = 0.0):
@@ -119,12 +120,14 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         B, N, _ = x.shape
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         q, k, v = (t.view(B, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.to_out(out.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -172,12 +175,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, attnx_scale: float = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, attnx_scale: float = 1.0,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), context, context_mask)
         if self.attnx:
             x = x + attnx_scale * self.attn1x(self.norm1(x))
-            x = x + attnx_scale * self.attn2x(self.norm2(x), context)
+            x = x + attnx_scale * self.attn2x(self.norm2(x), context, context_mask)
         return x + self.ff(self.norm3(x))
 
 
@@ -196,12 +200,13 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(inner, heads, dim_head, context_dim, attnx=attnx) for _ in range(depth))
         self.proj_out = nn.Conv2d(inner, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, attnx_scale: float = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, attnx_scale: float = 1.0,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x))
         h = h.flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
-            h = block(h, context, attnx_scale)
+            h = block(h, context, attnx_scale, context_mask)
         h = h.transpose(1, 2).reshape(B, -1, H, W)
         return x + self.proj_out(h)
 
@@ -210,12 +215,12 @@ class TimestepEmbedSequential(nn.Sequential):
     """A sequential container that routes ``emb`` to ResBlocks and ``context`` to SpatialTransformers."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
-                attnx_scale: float = 1.0) -> torch.Tensor:
+                attnx_scale: float = 1.0, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, attnx_scale)
+                x = layer(x, context, attnx_scale, context_mask)
             else:
                 x = layer(x)
         return x

@@ -45,7 +45,8 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                control: list[torch.Tensor] | None = None, attnx_scale: float = 1.0) -> torch.Tensor:
+                control: list[torch.Tensor] | None = None, attnx_scale: float = 1.0,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Predict ε.
 
         Args:
@@ -55,6 +56,8 @@ class UNet(nn.Module):
             control: None (no text control) or the WriteNet residuals in encoder order, already scaled:
                 one per input block then the middle block, e.g. 13 tensors for SD-1.5.
             attnx_scale: multiplier of the AttnX branches.
+            context_mask: (B, 77·k) bool, valid context tokens (None: all); lets branches whose prompts have
+                different chunk counts share one batch (padded tokens get no attention weight).
         Returns:
             (B, 4, h, w) ε prediction.
         """
@@ -64,14 +67,14 @@ class UNet(nn.Module):
         hs = []
         h = x
         for block in self.input_blocks:
-            h = block(h, emb, context, attnx_scale)
+            h = block(h, emb, context, attnx_scale, context_mask)
             hs.append(h)
-        h = self.middle_block(h, emb, context, attnx_scale)
+        h = self.middle_block(h, emb, context, attnx_scale, context_mask)
         if control is not None:
             h = h + control[-1]
         for i, block in enumerate(self.output_blocks):
             skip = hs.pop()
             if control is not None:
                 skip = skip + control[-(i + 2)]
-            h = block(torch.cat([h, skip], dim=1), emb, context, attnx_scale)
+            h = block(torch.cat([h, skip], dim=1), emb, context, attnx_scale, context_mask)
         return self.out(h)
