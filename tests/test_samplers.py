@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from anytext2_lcm.samplers import (DDIMSampler, LCMSampler, NoiseSchedule, PCMSampler, StepResult, TCDSampler,
-                                   make_sampler, sample, sampler_options)
+                                   make_sampler, sample_loop, sampler_options)
 from conftest import assert_close_ref
 
 diffusers = pytest.importorskip("diffusers")
@@ -344,5 +344,5 @@ def test_interface_uniform(name):
                 generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(r.prev_sample, r2.prev_sample)
     # the loop helper runs the list and returns the last prev_sample
-    out = sample(s, lambda x, t: torch.zeros_like(x), x, 4, generator=torch.Generator().manual_seed(0))
+    out = sample_loop(s, lambda x, t: torch.zeros_like(x), x, 4, generator=torch.Generator().manual_seed(0))
     assert out.shape == SHAPE and torch.isfinite(out).all()

@@ -16,7 +16,7 @@ Every sampler is a small object built by :func:`make_sampler` (or its class) wit
         # denoised:    the step's estimate of x0
 
 No state is kept between calls, so steps can be replayed, skipped or run for several images in any order. A loop is
-:func:`sample` (``ts = s.timesteps(n)``; for each t: ``x = s.step(eps_fn(x, t), t, next or None, x, g).prev_sample``).
+:func:`sample_loop` (``ts = s.timesteps(n)``; for each t: ``x = s.step(eps_fn(x, t), t, next or None, x, g).prev_sample``).
 
 Samplers
 --------
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import StepResult, distillation_grid, grid_inference_timesteps, sample
+from .base import StepResult, distillation_grid, grid_inference_timesteps, sample_loop
 from .ddim import DDIMSampler, ldm_ddim_timesteps
 from .lcm import LCMSampler, scalings_for_boundary_conditions
 from .pcm import PCMSampler, phase_edge_indices, phase_edge_timesteps
@@ -86,5 +86,5 @@ def make_sampler(name: str, schedule: NoiseSchedule | None = None, **options):
 __all__ = [
     "DDIMSampler", "LCMSampler", "NoiseSchedule", "PCMSampler", "SAMPLERS", "StepResult", "TCDSampler",
     "distillation_grid", "grid_inference_timesteps", "ldm_ddim_timesteps", "make_sampler", "phase_edge_indices",
-    "phase_edge_timesteps", "sample", "sampler_options", "scalings_for_boundary_conditions",
+    "phase_edge_timesteps", "sample_loop", "sampler_options", "scalings_for_boundary_conditions",
 ]

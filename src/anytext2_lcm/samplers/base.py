@@ -140,7 +140,7 @@ def check_num_steps(num_steps: int, low: int, high: int, what: str) -> int:
     return int(num_steps)
 
 
-def sample(sampler, eps_fn: Callable[[torch.Tensor, int], torch.Tensor], x_T: torch.Tensor, num_steps: int,
+def sample_loop(sampler, eps_fn: Callable[[torch.Tensor, int], torch.Tensor], x_T: torch.Tensor, num_steps: int,
            generator: torch.Generator | None = None,
            callback: Callable[[int, int, StepResult], None] | None = None) -> torch.Tensor:
     """Run a sampler from ``x_T`` with a (guided) ε-function: the whole loop, nothing else.
@@ -180,5 +180,5 @@ def float32_sigma(eta: float, alpha_t: torch.Tensor, alpha_s: torch.Tensor) -> t
 
 __all__: Sequence[str] = (
     "StepResult", "as_schedule", "ddim_update", "distillation_grid", "grid_inference_timesteps", "grid_positions",
-    "sample",
+    "sample_loop",
 )
