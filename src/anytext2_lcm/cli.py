@@ -58,11 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .checkpoint import CheckpointError
     from .config import ConfigError
 
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ConfigError, FileNotFoundError) as e:
+    except (UsageError, ConfigError, FileNotFoundError, CheckpointError) as e:
         print(f"anytext2-lcm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,75 @@
+"""``convert`` and ``parity``: the teacher's checkpoint tools."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert an official AnyText2 checkpoint into a fast-loading folder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Load CKPT (.ckpt/.pt/.pth through torch.load(weights_only=True), or .safetensors) "
+                                   "strictly and write OUT_DIR: one safetensors file per component, config.json and a "
+                                   "manifest with sha256 sums. With --check, only verify that CKPT loads strictly.")
+    p.add_argument("checkpoint", help="anytext_v2.0.ckpt, a .safetensors file in the same layout, or a converted folder")
+    p.add_argument("out_dir", nargs="?", help="output folder (not needed with --check)")
+    p.add_argument("--config", help="the original model yaml (default: the sd15 preset = models_yaml/anytext2_sd15.yaml)")
+    p.add_argument("--preset", choices=["sd15", "tiny"], help="architecture preset instead of --config")
+    p.add_argument("--check", action="store_true", help="only verify: strict load, shapes, finite values")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a full unpickle of a .ckpt that weights_only refuses (executes code from the file: only "
+                        "for files from a source you trust)")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("parity", help="replay a fixture made with the original AnyText2 code and compare outputs",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("fixture_dir", help="folder with config.yaml, state_dict/inputs/outputs .safetensors, meta.json")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_parity)
+
+
+def _model_config(args):
+    from .. import config as C
+    from ..cli import UsageError
+
+    if args.config and args.preset:
+        raise UsageError("give --config or --preset, not both")
+    if args.config:
+        return C.from_original_yaml(args.config)
+    return C.preset(args.preset or "sd15")
+
+
+def _convert(args) -> int:
+    from ..checkpoint import is_converted, load_converted, load_model, save_converted, verify_converted
+    from ..cli import UsageError
+
+    t0 = time.time()
+    if is_converted(args.checkpoint):
+        verify_converted(args.checkpoint, full=True)
+        model = load_converted(args.checkpoint)
+    else:
+        model = load_model(args.checkpoint, _model_config(args), trust_pickle=args.trust_pickle)
+    n = sum(v.numel() for v in model.state_dict().values())
+    print(f"loaded {args.checkpoint}: strict match, {len(model.state_dict())} tensors, {n:,} elements, "
+          f"{time.time() - t0:.1f} s")
+    if args.check:
+        return 0
+    if not args.out_dir:
+        raise UsageError("OUT_DIR is required unless --check is given")
+    t1 = time.time()
+    out = save_converted(model, Path(args.out_dir), extra={"source": Path(args.checkpoint).name})
+    print(f"wrote {out} in {time.time() - t1:.1f} s")
+    return 0
+
+
+def _parity(args) -> int:
+    from ..parity import format_rows, run_parity
+
+    rows = run_parity(args.fixture_dir, threads=args.threads)
+    print(format_rows(rows))
+    return 0 if rows and all(r.ok for r in rows) else 1
