@@ -164,7 +164,8 @@ class DDIMSolver:
 
     def sample_pairs(self, batch: int, generator: torch.Generator | None = None,
                      device: torch.device | str | None = None) -> SkipPair:
-        """i ~ U{0..N−1} per sample (diffusers' ``torch.randint(0, N, (B,))``); start = grid[i], end = max(start − k, 0)."""
+        """i ~ U{0..N−1} per sample (diffusers' ``torch.randint(0, N, (B,))``); start = grid[i],
+        end = max(start − k, 0)."""
         index = torch.randint(0, self.num_ddim_timesteps, (batch,), generator=generator,
                               device=device if device is not None else self.ddim_timesteps.device)
         start = self.ddim_timesteps.to(index.device)[index]

@@ -15,21 +15,27 @@ Every sampler is a small object built by :func:`make_sampler` (or its class) wit
         # prev_sample: the latent at t_next; after the last step the sample to decode
         # denoised:    the step's estimate of x0
 
+After the last step ddim, tcd and pcm return the latent at ᾱ[0] (as the original and diffusers do; it still holds
+sqrt(1 − ᾱ[0]) ≈ 0.029 of ε), lcm returns its denoised estimate; in every case ``prev_sample`` is what to decode.
+
 No state is kept between calls, so steps can be replayed, skipped or run for several images in any order. A loop is
-:func:`sample_loop` (``ts = s.timesteps(n)``; for each t: ``x = s.step(eps_fn(x, t), t, next or None, x, g).prev_sample``).
+:func:`sample_loop`: ``ts = s.timesteps(n)``, then for each t
+``x = s.step(eps_fn(x, t), t, next_t_or_None, x, g).prev_sample``.
 
 Samplers
 --------
-=======  ====================================================================  ==========================================
-name     what                                                                  options (defaults)
-=======  ====================================================================  ==========================================
-ddim     the teacher's ldm DDIM, timesteps range(0, T, T//S)+1, last → ᾱ[0]    eta (0.0)
-lcm      diffusers LCMScheduler: boundary condition, fresh-noise restarts      original_steps (50), timestep_scaling
-                                                                               (10.0), sigma_data (0.5)
-tcd      diffusers TCDScheduler: DDIM jump to floor((1-γ)·t_next) + re-noise   gamma (0.3), original_steps (50)
-pcm      deterministic DDIM jumps between PCM phase edges                      num_phases (None), convention
-                                                                               ("inference"), original_steps (50)
-=======  ====================================================================  ==========================================
+====  =====================================================================  ====================================
+name  what                                                                   options (defaults)
+====  =====================================================================  ====================================
+ddim  the teacher's ldm DDIM: timesteps range(0, T, T//S)+1, last → ᾱ[0]     eta (0.0)
+lcm   diffusers LCMScheduler: boundary condition, fresh-noise restarts       original_steps (50),
+                                                                             timestep_scaling (10.0),
+                                                                             sigma_data (0.5)
+tcd   diffusers TCDScheduler: DDIM jump to floor((1-γ)·t_next), re-noise     gamma (0.3), original_steps (50)
+pcm   deterministic DDIM jumps between PCM phase edges                       num_phases (None),
+                                                                             convention ("inference"),
+                                                                             original_steps (50)
+====  =====================================================================  ====================================
 
 Randomness: samplers that draw noise (ddim η > 0, lcm, tcd γ > 0) take it from ``generator`` with one
 ``torch.randn(x.shape, generator=...)`` per step, exactly as diffusers does; the same seed therefore reproduces

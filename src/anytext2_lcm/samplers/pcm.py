@@ -53,7 +53,8 @@ def phase_edge_indices(num_phases: int, num_points: int = 50, convention: str = 
     """
     if convention not in PCM_CONVENTIONS:
         raise ValueError(f"pcm: convention={convention!r} must be one of {PCM_CONVENTIONS}")
-    if isinstance(num_phases, bool) or not isinstance(num_phases, (int, np.integer)) or not 1 <= num_phases <= num_points:
+    is_int = isinstance(num_phases, (int, np.integer)) and not isinstance(num_phases, bool)
+    if not is_int or not 1 <= num_phases <= num_points:
         raise ValueError(f"pcm: num_phases={num_phases!r} must be an integer in [1, {num_points}]")
     positions = grid_positions(int(num_phases), num_points)
     if convention == "official":

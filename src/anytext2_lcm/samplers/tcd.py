@@ -5,7 +5,7 @@ For a step t → t_next with stochasticity γ ∈ [0, 1] (``eta`` in diffusers, 
 
     s   = floor((1 − γ)·t_next)                             (an intermediate, lower timestep)
     x_s = sqrt(ᾱ_s)·x̂0 + sqrt(1 − ᾱ_s)·ε                   (deterministic DDIM jump t → s)
-    x_{t_next} = sqrt(ᾱ_{t_next}/ᾱ_s)·x_s + sqrt(1 − ᾱ_{t_next}/ᾱ_s)·z     (forward-noise s → t_next; not on the last step)
+    x_{t_next} = sqrt(ᾱ_{t_next}/ᾱ_s)·x_s + sqrt(1 − ᾱ_{t_next}/ᾱ_s)·z   (re-noise s → t_next; not on the last step)
 
 γ = 0 is the deterministic DDIM jump between grid points; γ = 1 jumps to s = 0 and re-noises, which is (almost) the
 LCM restart. After the last step t_next is taken as 0, so the final sample is x_0 = sqrt(ᾱ[0])·x̂0 + sqrt(1 − ᾱ[0])·ε.
