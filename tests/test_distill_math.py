@@ -115,6 +115,9 @@ def test_predicted_original_sample_inverts_add_noise(schedule):
     xv, ev = x_t[1, 0, 0, 0].item(), eps[1, 0, 0, 0].item()
     got = predicted_original_sample(eps, x_t, t, schedule)[1, 0, 0, 0].item()
     assert got == pytest.approx((xv - math.sqrt(1 - a) * ev) / math.sqrt(a), rel=1e-5)
+    # one int for the whole batch
+    torch.testing.assert_close(predicted_original_sample(eps, x_t, 499, schedule)[1],
+                               predicted_original_sample(eps, x_t, t, schedule)[1])
 
 
 def test_ddim_step_hand(solver, schedule):

@@ -34,6 +34,14 @@ __all__ = [
 ]
 
 
+def _as_batch_t(t: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Timesteps as a (B,) long tensor on ``like``'s device (an int is repeated over the batch)."""
+    if not isinstance(t, torch.Tensor):
+        return torch.full((like.shape[0],), int(t), dtype=torch.long, device=like.device)
+    t = t.to(like.device).long()
+    return t.expand(like.shape[0]) if t.dim() == 0 else t
+
+
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) → (B, 1, 1, …) matching ``like``'s rank, on its device and in its dtype."""
     return v.to(device=like.device, dtype=like.dtype).reshape(v.shape[0], *([1] * (like.dim() - 1)))
@@ -44,29 +52,29 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def predicted_original_sample(eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+def predicted_original_sample(eps: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tensor,
                               schedule: NoiseSchedule | None = None) -> torch.Tensor:
     """x̂0 = (x_t − sqrt(1 − ᾱ_t)·ε) / sqrt(ᾱ_t) for an ε-prediction (DDPM eq. 15 rearranged).
 
     Args:
         eps, x_t: (B, C, H, W).
-        t: (B,) integer timesteps.
+        t: (B,) integer timesteps (or one int for the whole batch).
         schedule: the noise schedule (default AnyText2's).
     """
     schedule = as_schedule(schedule)
-    a = schedule.alphas_cumprod.to(x_t.device)[t.to(x_t.device).long()]
+    a = schedule.alphas_cumprod.to(x_t.device)[_as_batch_t(t, x_t)]
     return (x_t - _bcast((1.0 - a).sqrt(), x_t) * eps) / _bcast(a.sqrt(), x_t)
 
 
-def consistency_output(x_t: torch.Tensor, pred_x0: torch.Tensor, t: torch.Tensor,
+def consistency_output(x_t: torch.Tensor, pred_x0: torch.Tensor, t: int | torch.Tensor,
                        timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> torch.Tensor:
     """The LCM consistency function f(x_t, t) = c_skip(t)·x_t + c_out(t)·x̂0 (LCM eq. 9), per sample.
 
     Args:
         x_t, pred_x0: (B, C, H, W).
-        t: (B,) timesteps (f(x, 0) = x exactly).
+        t: (B,) timesteps or one int (f(x, 0) = x exactly).
     """
-    c_skip, c_out = scalings_for_boundary_conditions(t, timestep_scaling, sigma_data)
+    c_skip, c_out = scalings_for_boundary_conditions(_as_batch_t(t, x_t), timestep_scaling, sigma_data)
     return _bcast(c_skip, x_t) * x_t + _bcast(c_out, x_t) * pred_x0
 
 
