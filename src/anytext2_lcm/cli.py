@@ -18,6 +18,7 @@ import sys
 COMMAND_MODULES = (
     "anytext2_lcm.commands.model",        # convert, parity, inspect
     "anytext2_lcm.commands.generate",     # generate
+    "anytext2_lcm.lora_commands",         # inspect, export (LoRA targets, adapters, merged checkpoints)
     "anytext2_lcm.data.commands",         # make-data, validate-data
     "anytext2_lcm.distill.commands",      # distill, train-teacher
     "anytext2_lcm.evaluate.commands",     # evaluate, bench, export
@@ -69,4 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the package module so that exception classes are the ones the commands import.
+    from anytext2_lcm.cli import main as _main
+
+    sys.exit(_main())

@@ -27,11 +27,20 @@ def ldm_ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[
     """ldm ``make_ddim_timesteps(ddim_discr_method="uniform")``: ascending ``range(0, T, T // S) + 1``.
 
     Raises:
-        ValueError: when ``T // S < 2`` (the list would reach t = T, outside the schedule, which also fails in ldm).
+        ValueError: when the list would reach t = T, outside the schedule (``T // S < 2``, or ``T // S`` divides
+            ``T − 1``: S = 3, 9, 27, 37, ... for T = 1000). The original fails there too (an index error); the
+            message names the nearest usable step counts.
     """
     s = check_num_steps(num_steps, 1, num_train_timesteps // 2, "ldm DDIM (T // S must be >= 2)")
     c = num_train_timesteps // s
-    return [t + 1 for t in range(0, num_train_timesteps, c)]
+    ts = [t + 1 for t in range(0, num_train_timesteps, c)]
+    if ts[-1] >= num_train_timesteps:
+        ok = [n for n in range(1, num_train_timesteps // 2 + 1)
+              if (num_train_timesteps - 1) % (num_train_timesteps // n) != 0]
+        near = sorted(ok, key=lambda n: (abs(n - s), n))[:2]
+        raise ValueError(f"ddim: {s} steps is not usable with the original's uniform timesteps "
+                         f"(range(0, {num_train_timesteps}, {c}) + 1 reaches t={ts[-1]}); use {' or '.join(map(str, sorted(near)))}")
+    return ts
 
 
 @dataclass(eq=False)

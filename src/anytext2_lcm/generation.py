@@ -1,0 +1,490 @@
+"""Generation and editing: user inputs → rendered text conditioning → sampling → images.
+
+This is the user-facing API over :mod:`anytext2_lcm.pipeline`. It follows the original inference
+(``ms_wrapper.AnyText2Model.forward``):
+
+* the image prompt's "quoted" spans become ``*`` placeholders; the lines are the quoted texts of the text prompt
+  (by default the image prompt's own quotes, with the training-style text caption ``Text says * , * . ``);
+* positions come from polygons/boxes or from a position mask (connected components, sorted top-down or
+  left-right); fewer positions than lines is an error, more is a warning;
+* per line: the 80×512 line image and the polygon glyphs are drawn in the glyph font (a CJK-capable font, the
+  original's Arial Unicode role), the glyphs in the line colour (default "unspecified" = 500), the font hint in the
+  line's chosen font (blank when none is chosen);
+* masked image: generation uses an all −1 image, editing ``(img/127.5 − 1 − 10·hint).clip(−1, 1)`` with text
+  regions blanked; masked_x = scale_factor × a posterior *sample* (the original's behaviour);
+* cond = (image prompt + ", " + a_prompt, text prompt), uncond = (negative prompt, "") with the same text
+  conditioning; DDIM with the original's timesteps for the teacher, or a few-step sampler for a student.
+
+Everything random (masked_x sample, x_T, sampler noise) is drawn from one ``torch.Generator`` seeded with ``seed``
+on the CPU, so the same inputs give the same bytes.
+
+Example::
+
+    pipe = Generator(model)
+    result = pipe(GenerationRequest(prompt='a shop sign that says "Hello" and "世界"',
+                                    positions=[[[64, 100], [448, 100], [448, 200], [64, 200]],
+                                               [[64, 300], [448, 300], [448, 400], [64, 400]]]))
+    result.images[0]  # (512, 512, 3) uint8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .conditioning import UNSPECIFIED_COLOR, TextInfo
+from .config import ConfigError
+from .data.fonts import FontNotFoundError, FontSpec, as_font_spec, find_default_font
+from .data.glyphs import (DegeneratePolygonError, polygon_mask, positions_from_mask, render_font_hint,
+                          render_in_polygon, render_line)
+from .data.prompts import build_text_caption, parse_prompt_lines
+from .models.anytext2 import AnyText2
+from .pipeline import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, GuidedDenoiser, encode_branches, sample
+from .samplers import make_sampler
+from .samplers.schedule import NoiseSchedule
+
+log = logging.getLogger(__name__)
+
+SIZE_MULTIPLE = 64
+MAX_EDIT_SIDE = 1024
+
+
+class InputError(ValueError):
+    """A generation input that cannot be used (the message says which and why)."""
+
+
+@dataclass(kw_only=True)
+class GenerationRequest:
+    """Everything one generation / editing call takes.
+
+    Polygons are lists of (x, y) points in image pixels; a box ``[x0, y0, x1, y1]`` is accepted too.
+    """
+
+    prompt: str
+    """Image prompt; "quoted" spans are the text lines (unless ``text_prompt`` is given)."""
+    text_prompt: str | None = None
+    """Text prompt for the WriteNet with "quoted" lines (default: built from the prompt's quotes)."""
+    positions: list | None = None
+    """One polygon or box per line, in reading order."""
+    mask: Any = None
+    """Position mask instead of ``positions``: an (H, W[, C]) uint8 array or an image path, white on black."""
+    sort: str = "vertical"
+    """Order of mask components: 'vertical' (top-down first) or 'horizontal' (left-right first)."""
+    fonts: list | None = None
+    """Per line: a font file for the font hint (None: no font chosen)."""
+    colors: list | None = None
+    """Per line: (r, g, b) 0-255 or None (unspecified)."""
+    edit_image: Any = None
+    """Editing mode: the image (array or path) whose text regions (the positions) are rewritten."""
+    height: int = 512
+    width: int = 512
+    num_images: int = 1
+    seed: int = 0
+    steps: int = 20
+    sampler: str = "ddim"
+    """'ddim' (teacher), or a student sampler: 'lcm', 'tcd', 'pcm'."""
+    sampler_options: dict = field(default_factory=dict)
+    cfg_scale: float = 7.5
+    """Classifier-free guidance scale (the demo's 7.5; 1 disables the uncond branch)."""
+    strength: float = 1.0
+    """WriteNet control strength."""
+    attnx_scale: float = 1.0
+    eta: float = 0.0
+    """DDIM η (teacher sampler)."""
+    a_prompt: str = DEFAULT_A_PROMPT
+    n_prompt: str = DEFAULT_N_PROMPT
+    max_chars: int = 20
+    glyph_font: str | None = None
+    """Font for glyphs and line images (default: a CJK-capable system font)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise InputError("prompt: must be a string")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0 or v % SIZE_MULTIPLE:
+                raise InputError(f"{name}={v!r}: must be a positive multiple of {SIZE_MULTIPLE}")
+        if self.num_images < 1:
+            raise InputError(f"num_images={self.num_images}: must be >= 1")
+        if self.steps < 1:
+            raise InputError(f"steps={self.steps}: must be >= 1")
+        if self.cfg_scale <= 0:
+            raise InputError(f"cfg_scale={self.cfg_scale}: must be > 0")
+        if self.positions is not None and self.mask is not None:
+            raise InputError("give positions or mask, not both")
+        if self.sort not in ("vertical", "horizontal"):
+            raise InputError(f"sort={self.sort!r}: must be 'vertical' or 'horizontal'")
+
+
+@dataclass
+class GenerationResult:
+    """Images and what produced them.
+
+    Attributes:
+        images: num_images × (H, W, 3) uint8.
+        latents: (B, 4, H/8, W/8) final latents.
+        texts: the text lines.
+        polygons: one polygon per line (None for an empty position).
+        glyph_preview: (H, W, 3) uint8 rendering of the glyphs with the position outlines.
+        seconds: wall time per phase ('prepare', 'conditioning', 'denoise', 'decode', 'total').
+        warnings: non-fatal remarks (more positions than lines, cut lines, ...).
+    """
+
+    images: list[np.ndarray]
+    latents: torch.Tensor
+    texts: list[str]
+    polygons: list
+    glyph_preview: np.ndarray
+    seconds: dict[str, float]
+    warnings: list[str]
+    prompts: dict[str, str]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def as_polygon(p, name: str = "position") -> np.ndarray:
+    """A polygon (N ≥ 3 points) or a box [x0, y0, x1, y1] → (N, 2) float array."""
+    try:
+        a = np.asarray(p, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}: not a list of numbers: {p!r}") from None
+    if a.ndim == 1 and a.shape[0] == 4:
+        x0, y0, x1, y1 = a
+        if x1 <= x0 or y1 <= y0:
+            raise InputError(f"{name}: box {a.tolist()} has no area (need x0 < x1 and y0 < y1)")
+        a = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+    if a.ndim != 2 or a.shape[1] != 2 or a.shape[0] < 3:
+        raise InputError(f"{name}: expected a box [x0, y0, x1, y1] or >= 3 [x, y] points, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise InputError(f"{name}: non-finite coordinates")
+    return a
+
+
+def load_positions(path: str | Path) -> list[np.ndarray]:
+    """Polygons/boxes from a JSON file: a list, or ``{"positions": [...]}`` / ``{"polygons": [...]}``."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a readable JSON file ({e})") from None
+    if isinstance(doc, dict):
+        doc = doc.get("positions", doc.get("polygons", doc.get("boxes")))
+    if not isinstance(doc, list) or not doc:
+        raise InputError(f"{path}: expected a non-empty list of polygons or boxes")
+    return [as_polygon(p, f"{path.name}[{i}]") for i, p in enumerate(doc)]
+
+
+def read_image(img, name: str = "image") -> np.ndarray:
+    """An RGB uint8 (H, W, 3) array from a path or an array."""
+    if isinstance(img, (str, Path)):
+        from PIL import Image, UnidentifiedImageError
+
+        p = Path(img)
+        if not p.is_file():
+            raise FileNotFoundError(f"{name} {p} does not exist")
+        try:
+            with Image.open(p) as im:
+                return np.asarray(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"{name} {p}: unreadable image ({e})") from None
+    a = np.asarray(img)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        raise InputError(f"{name}: expected (H, W[, C]) with C in 1, 3, 4; got shape {a.shape}")
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    return np.ascontiguousarray(a[..., :3]).astype(np.uint8)
+
+
+def resize_for_edit(img: np.ndarray, max_side: int = MAX_EDIT_SIDE) -> np.ndarray:
+    """The original ``resize_image``: keep the aspect, longest side ≤ max_side, both sides multiples of 64."""
+    import cv2
+
+    h, w = img.shape[:2]
+    s = min(1.0, max_side / max(h, w))
+    nh, nw = max(SIZE_MULTIPLE, int(round(h * s / 64)) * 64), max(SIZE_MULTIPLE, int(round(w * s / 64)) * 64)
+    if (nh, nw) != (h, w):
+        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if nh < h else cv2.INTER_LINEAR)
+    return img
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The generator
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedInputs:
+    text_info: TextInfo
+    img_prompt: str
+    text_prompt: str
+    texts: list[str]
+    polygons: list
+    masked_img: torch.Tensor
+    glyph_preview: np.ndarray
+    warnings: list[str]
+    height: int
+    width: int
+
+
+class Generator:
+    """AnyText2 generation / editing with a teacher (DDIM + CFG) or a LoRA student (few-step samplers).
+
+    Args:
+        model: an ``AnyText2`` (with or without a LoRA adapter applied), on its device and dtype.
+        glyph_font: default font for glyphs (None: a CJK-capable system font).
+    """
+
+    def __init__(self, model: AnyText2, glyph_font: str | None = None):
+        self.model = model.eval()
+        self._glyph_font = glyph_font
+        self._blank_posterior: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.unet.parameters()).dtype
+
+    def _font(self, req: GenerationRequest) -> FontSpec:
+        try:
+            return find_default_font(req.glyph_font or self._glyph_font)
+        except FontNotFoundError as e:
+            raise InputError(str(e)) from None
+
+    # ---- step 1: rendering -------------------------------------------------------------------------------------
+
+    def prepare(self, req: GenerationRequest) -> PreparedInputs:
+        """Parse prompts, find positions, render every line, build the masked image."""
+        warnings: list[str] = []
+        img_prompt, prompt_texts = parse_prompt_lines(req.prompt, req.max_chars)
+        if req.text_prompt is not None:
+            text_prompt, texts = parse_prompt_lines(req.text_prompt, req.max_chars)
+        else:
+            texts = prompt_texts
+            text_prompt = build_text_caption(len(texts), phrase="Text says ") if texts != [" "] else ""
+        for t in re_quoted(req.prompt, req.text_prompt):
+            if len(t) > req.max_chars:
+                warnings.append(f'"{t}" is longer than {req.max_chars} characters and was cut')
+        no_text = texts == [" "]
+
+        edit = None
+        H, W = req.height, req.width
+        if req.edit_image is not None:
+            edit = resize_for_edit(read_image(req.edit_image, "edit_image"))
+            H, W = edit.shape[:2]
+
+        masks: list[np.ndarray | None]
+        if req.mask is not None:
+            mask = read_image(req.mask, "mask") if isinstance(req.mask, (str, Path)) else np.asarray(req.mask)
+            if mask.shape[0] != H or mask.shape[1] != W:
+                import cv2
+
+                mask = cv2.resize(mask, (W, H), interpolation=cv2.INTER_NEAREST)
+            found = positions_from_mask(mask, req.sort, return_masks=True)
+            if not found and not no_text:
+                raise InputError("mask: no position found (draw white regions of at least 20 pixels on black)")
+            polygons = [p for p, _ in found]
+            masks = [m for _, m in found]
+        elif req.positions is not None:
+            polygons = [as_polygon(p, f"positions[{i}]") for i, p in enumerate(req.positions)]
+            for i, p in enumerate(polygons):
+                if (p[:, 0].max() < 0 or p[:, 1].max() < 0 or p[:, 0].min() >= W or p[:, 1].min() >= H):
+                    raise InputError(f"positions[{i}]: polygon lies outside the {W}x{H} image")
+            masks = [polygon_mask(p, H, W) for p in polygons]
+            for i, m in enumerate(masks):
+                if m.sum() == 0:
+                    raise InputError(f"positions[{i}]: polygon covers no pixel")
+        else:
+            polygons, masks = [], []
+        if len(polygons) < len(texts):
+            if not no_text:
+                raise InputError(f"{len(texts)} quoted text lines but only {len(polygons)} positions: give one "
+                                 "position per line")
+        elif len(polygons) > len(texts) and not no_text:
+            warnings.append(f"{len(polygons)} positions but {len(texts)} lines: the extra positions are unused")
+
+        n = len(texts)
+        glyph_font = self._font(req)
+        fonts = list(req.fonts or [])
+        colors = list(req.colors or [])
+        if len(fonts) > n or len(colors) > n:
+            warnings.append("more fonts/colours than lines: the extras are ignored")
+        scale = self.model.cfg.writenet.glyph_scale
+        glyphs = np.zeros((n, H * scale, W * scale, 3), np.float32)
+        positions = np.zeros((n, H, W), np.float32)
+        gly_line = np.zeros((n, 80, 512), np.float32)
+        color_arr = np.full((n, 3), UNSPECIFIED_COLOR, np.float32)
+        font_hint = np.zeros((H, W), np.float32)
+        used_polys: list = []
+        for i, text in enumerate(texts):
+            poly = polygons[i] if i < len(polygons) else None
+            used_polys.append(None if poly is None else np.asarray(poly).tolist())
+            if i < len(colors) and colors[i] is not None:
+                c = np.asarray(colors[i], dtype=np.float32).reshape(-1)
+                if c.shape != (3,) or not np.isfinite(c).all():
+                    raise InputError(f"colors[{i}]: expected (r, g, b), got {colors[i]!r}")
+                color_arr[i] = c
+            if poly is None or no_text:
+                continue  # the original's "text-to-image without text": blank line conditioning
+            missing = glyph_font.missing_chars(text)
+            if missing:
+                raise InputError(f"line {i} {text!r}: the glyph font {glyph_font.name} has no glyph for "
+                                 f"{''.join(missing)!r}; pass a font that covers it (--font)")
+            try:
+                gly_line[i] = render_line(text, glyph_font)
+                glyphs[i] = render_in_polygon(text, poly, glyph_font, tuple(color_arr[i]), H, W, scale=scale)
+            except DegeneratePolygonError as e:
+                raise InputError(f"positions[{i}]: {e}") from None
+            positions[i] = masks[i]
+            if i < len(fonts) and fonts[i]:
+                try:
+                    spec = as_font_spec(fonts[i])
+                except FontNotFoundError as e:
+                    raise InputError(f"fonts[{i}]: {e}") from None
+                if spec.missing_chars(text):
+                    raise InputError(f"fonts[{i}] {spec.name} has no glyph for {''.join(spec.missing_chars(text))!r} "
+                                     f"of line {text!r}")
+                font_hint += render_font_hint(text, poly, spec, H, W)
+        font_hint = np.clip(font_hint, 0, 1)
+        hint = np.clip(positions.sum(0), 0, 1)
+        if edit is None:
+            masked = np.full((H, W, 3), -1.0, np.float32)
+        else:
+            masked = np.clip(np.clip(edit, 1, 255).astype(np.float32) / 127.5 - 1.0 - hint[..., None] * 10, -1, 1)
+        B = req.num_images
+        L = max(n, 1)
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+        ti = TextInfo(
+            glyphs=t(glyphs).permute(0, 3, 1, 2)[None].expand(B, -1, -1, -1, -1).reshape(B, L, 3, H * scale, W * scale),
+            positions=t(positions)[None, :, None].expand(B, -1, -1, -1, -1),
+            gly_line=t(gly_line)[None, :, None].expand(B, -1, -1, -1, -1),
+            colors=(t(color_arr) / 255.0)[None].expand(B, -1, -1),
+            n_lines=torch.full((B,), n, dtype=torch.long),
+            font_hint=t(font_hint)[None, None].expand(B, -1, -1, -1),
+            masked_x=torch.zeros(B, self.model.cfg.vae.z_channels, H // 8, W // 8),
+        )
+        preview = _glyph_preview(glyphs[:, ::scale, ::scale] if scale > 1 else glyphs, polygons[:n])
+        return PreparedInputs(ti, img_prompt, text_prompt, texts, used_polys, t(masked).permute(2, 0, 1)[None],
+                              preview, warnings, H, W)
+
+    # ---- step 2: sampling ----------------------------------------------------------------------------------------
+
+    def _masked_x(self, masked_img: torch.Tensor, generator: torch.Generator, blank: bool) -> torch.Tensor:
+        """scale × posterior sample of the masked image; the all −1 image's posterior is computed once per size."""
+        dev, dt = self.device, self.dtype
+        key = (tuple(masked_img.shape), str(dev), str(dt))
+        if blank and key in self._blank_posterior:
+            mean, std = self._blank_posterior[key]
+        else:
+            mean, logvar = self.model.vae.encode(masked_img.to(dev, dt))
+            std = torch.exp(0.5 * logvar)
+            if blank:
+                self._blank_posterior[key] = (mean, std)
+        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(dev, dt)
+        return self.model.scale_factor * (mean + std * noise)
+
+    @torch.no_grad()
+    def __call__(self, req: GenerationRequest, x_T: torch.Tensor | None = None, callback=None) -> GenerationResult:
+        t0 = time.perf_counter()
+        prep = self.prepare(req)
+        t1 = time.perf_counter()
+        dev, dt = self.device, self.dtype
+        g = torch.Generator().manual_seed(int(req.seed))
+        masked_x = self._masked_x(prep.masked_img, g, blank=req.edit_image is None)
+        B = req.num_images
+        ti = prep.text_info.to(dev, dt).with_masked_x(masked_x.expand(B, -1, -1, -1).contiguous())
+        guided = req.cfg_scale != 1.0
+        branches = encode_branches(self.model, ti, [prep.img_prompt + ", " + req.a_prompt] * B, [prep.text_prompt] * B,
+                                   [req.n_prompt] * B if guided else None, [""] * B if guided else None)
+        denoiser = GuidedDenoiser(self.model, branches, req.cfg_scale, req.strength, req.attnx_scale)
+        t2 = time.perf_counter()
+        schedule = NoiseSchedule(self.model.alphas_cumprod.float().cpu())
+        opts = dict(req.sampler_options)
+        if req.sampler == "ddim":
+            opts.setdefault("eta", req.eta)
+        try:
+            sampler = make_sampler(req.sampler, schedule, **opts)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        h, w = prep.height // 8, prep.width // 8
+        if x_T is None:
+            x_T = torch.randn((B, self.model.cfg.unet.in_channels, h, w), generator=g, dtype=torch.float32)
+        res = sample(denoiser, _DeviceSampler(sampler, g), req.steps, x_T.to(dev, dt), generator=g,
+                     callback=callback)
+        t3 = time.perf_counter()
+        x = self.model.decode(res.latents)
+        imgs = (x.float().permute(0, 2, 3, 1) * 127.5 + 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+        t4 = time.perf_counter()
+        return GenerationResult(
+            images=[imgs[i] for i in range(B)], latents=res.latents, texts=prep.texts, polygons=prep.polygons,
+            glyph_preview=prep.glyph_preview,
+            seconds={"prepare": t1 - t0, "conditioning": t2 - t1, "denoise": t3 - t2, "decode": t4 - t3,
+                     "total": t4 - t0},
+            warnings=prep.warnings,
+            prompts={"image": prep.img_prompt + ", " + req.a_prompt, "text": prep.text_prompt,
+                     "negative": req.n_prompt if guided else ""})
+
+
+class _DeviceSampler:
+    """Draws sampler noise on the CPU from the seeded generator, so results do not depend on the device."""
+
+    def __init__(self, sampler, generator: torch.Generator):
+        self.sampler = sampler
+        self.generator = generator
+
+    def timesteps(self, n: int) -> list[int]:
+        return self.sampler.timesteps(n)
+
+    def step(self, eps, t, t_next, x, generator=None):
+        if x.device.type == "cpu":
+            return self.sampler.step(eps, t, t_next, x, generator=self.generator)
+        out = self.sampler.step(eps.cpu().float(), t, t_next, x.cpu().float(), generator=self.generator)
+        return type(out)(out.prev_sample.to(x.device, x.dtype), out.denoised.to(x.device, x.dtype))
+
+
+def re_quoted(*prompts: str | None) -> list[str]:
+    import re
+
+    out = []
+    for p in prompts:
+        if p:
+            out += re.findall('"(.*?)"', p.replace("\u201c", '"').replace("\u201d", '"'))
+    return out
+
+
+def _glyph_preview(glyphs: np.ndarray, polygons: Sequence) -> np.ndarray:
+    import cv2
+
+    H, W = glyphs.shape[1:3] if len(glyphs) else (64, 64)
+    img = (np.clip(glyphs.sum(0), 0, 1) * 255).astype(np.uint8) if len(glyphs) else np.zeros((H, W, 3), np.uint8)
+    img = np.ascontiguousarray(img)
+    for p in polygons:
+        if p is not None:
+            cv2.polylines(img, [np.rint(np.asarray(p)).astype(np.int32).reshape(-1, 1, 2)], True, (255, 255, 255), 1)
+    return img
+
+
+def request_from_dict(d: dict) -> GenerationRequest:
+    """Build a request from a plain dict (e.g. parsed JSON), rejecting unknown keys by name."""
+    names = {f.name for f in dataclasses.fields(GenerationRequest)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"generation request: unknown field(s) {unknown}")
+    return GenerationRequest(**d)
