@@ -1,0 +1,299 @@
+"""Batches for the model, the DataLoader recipe, and the skip-rate monitor.
+
+:class:`AnyWordCollate` turns samples of :class:`~.anyword.AnyWordDataset` into the batch of
+:mod:`anytext2_lcm.conditioning` (same names, shapes and ranges), drops the :class:`~.skips.SkipRecord` items and
+counts them. :func:`make_dataloader` wires dataset, sampler, workers and the :class:`SkipMonitor` that stops a run
+whose skip rate passes ``max_skip_rate``.
+
+Batch (B = kept samples, L = max_lines, S = image_size, G = S * glyph_scale):
+
+=================  ========================  =========================================
+key                shape / type              values
+=================  ========================  =========================================
+``img``            (B, 3, S, S) float32      [-1, 1]
+``masked_img``     (B, 3, S, S) float32      [-1, 1]; -1 everywhere (generation) or in the text regions (editing)
+``glyphs``         (B, L, 3, G, G) float32   [0, 1], line colour x coverage
+``positions``      (B, L, 1, S, S) float32   {0, 1}
+``gly_line``       (B, L, 1, 80, 512) float  {0, 1}
+``colors``         (B, L, 3) float32         RGB / 255; 500 / 255 = unspecified (also the padding)
+``n_lines``        (B,) int64                1..L
+``font_hint``      (B, 1, S, S) float32      {0, 1}
+``inv_mask``       (B, 1, S, S) float32      {0, 1}, 1 = no loss
+``hint``           (B, 1, S, S) float32      {0, 1}, union of the positions
+``img_caption``    list of B str
+``text_caption``   list of B str             with one " * " placeholder per real line
+``texts``          list of B lists of L str  padding ' '
+``language``       list of B lists of L str  padding ' '
+``skipped``        dict reason -> count      items of this batch that were skipped
+``skip_records``   list of SkipRecord
+=================  ========================  =========================================
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import Counter
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler, get_worker_info
+
+from .anyword import AnyWordDataset
+from .fonts import clear_font_cache
+from .skips import SKIP_REASONS, SkipRecord, TooManySkipsError
+
+log = logging.getLogger(__name__)
+
+
+def _new_tensor(shape: tuple, dtype=torch.float32) -> torch.Tensor:
+    """An uninitialised tensor; inside a DataLoader worker, in shared memory, so that handing the batch to the
+    main process does not copy it (what ``default_collate`` does too)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    return torch.empty((0,), dtype=dtype).set_(storage, 0, shape)
+
+
+class AnyWordCollate:
+    """Collate function: kept samples -> the model's batch (see the module docstring); skips -> counts."""
+
+    def __init__(self, image_size: int, max_lines: int, glyph_scale: int = 1):
+        self.s, self.l, self.g = image_size, max_lines, image_size * glyph_scale
+
+    @classmethod
+    def for_dataset(cls, dataset: AnyWordDataset) -> "AnyWordCollate":
+        c = dataset.cfg
+        return cls(c.image_size, c.max_lines, c.glyph_scale)
+
+    def __call__(self, items: list) -> dict:
+        skips = [x for x in items if isinstance(x, SkipRecord)]
+        samples = [x for x in items if not isinstance(x, SkipRecord)]
+        b, s, n_slots, g = len(samples), self.s, self.l, self.g
+        out = {
+            "img": _new_tensor((b, 3, s, s)),
+            "masked_img": _new_tensor((b, 3, s, s)),
+            "glyphs": _new_tensor((b, n_slots, 3, g, g)),
+            "positions": _new_tensor((b, n_slots, 1, s, s)),
+            "gly_line": _new_tensor((b, n_slots, 1, 80, 512)),
+            "colors": _new_tensor((b, n_slots, 3)),
+            "n_lines": torch.tensor([x["n_lines"] for x in samples], dtype=torch.long),
+            "font_hint": _new_tensor((b, 1, s, s)),
+            "inv_mask": _new_tensor((b, 1, s, s)),
+            "hint": _new_tensor((b, 1, s, s)),
+        }
+        # Filled sample by sample straight from the uint8 arrays: one pass per output, no stacked intermediates.
+        for i, x in enumerate(samples):
+            img = out["img"][i]
+            torch.div(torch.from_numpy(x["img"]).permute(2, 0, 1), 127.5, out=img).sub_(1.0)  # the original's scaling
+            out["masked_img"][i] = img.masked_fill(torch.from_numpy(x["edit_mask"]).bool(), -1.0)
+            torch.div(torch.from_numpy(x["glyphs"]), 255.0, out=out["glyphs"][i])
+            out["positions"][i, :, 0].copy_(torch.from_numpy(x["positions"]))
+            out["gly_line"][i, :, 0].copy_(torch.from_numpy(x["gly_line"]))
+            torch.div(torch.from_numpy(x["colors"]), 255.0, out=out["colors"][i])
+            for key in ("font_hint", "inv_mask", "hint"):
+                out[key][i, 0].copy_(torch.from_numpy(x[key]))
+        out.update({
+            "img_caption": [x["img_caption"] for x in samples],
+            "text_caption": [x["text_caption"] for x in samples],
+            "texts": [list(x["texts"]) for x in samples],
+            "language": [list(x["language"]) for x in samples],
+            "skipped": dict(Counter(r.reason for r in skips)),
+            "skip_records": skips,
+        })
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` so that each sample's randomness is fixed by (seed, epoch, index).
+
+    The order of an epoch is a permutation seeded by (seed, epoch) (or 0..n-1 without shuffle); with
+    ``world_size > 1`` it is padded by wrapping to a multiple of the world size and rank ``r`` takes every
+    ``world_size``-th index from ``r`` (as ``DistributedSampler``). ``start`` skips the first positions of this
+    rank's order once (mid-epoch resume); the next :meth:`set_epoch` starts from 0 unless told otherwise.
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 epoch: int = 0, start: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        self.n, self.seed, self.shuffle, self.rank, self.world_size = n, seed, shuffle, rank, world_size
+        self.epoch, self.start = int(epoch), int(start)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = int(epoch), int(start)
+
+    def order(self) -> list[int]:
+        """This rank's indices for the current epoch (before ``start``)."""
+        if self.shuffle:
+            idx = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch])).permutation(self.n)
+        else:
+            idx = np.arange(self.n)
+        total = math.ceil(self.n / self.world_size) * self.world_size if self.n else 0
+        if total > self.n:
+            idx = np.concatenate([idx, idx[: total - self.n]])
+        return idx[self.rank::self.world_size].tolist()
+
+    def __iter__(self):
+        epoch = self.epoch
+        for i in self.order()[self.start:]:
+            yield (epoch, i)
+
+    def __len__(self) -> int:
+        return max(len(self.order()) - self.start, 0)
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: one thread per worker, the worker's own font handles, seeded global RNGs.
+
+    No sample uses the global RNGs (each has its own generator); they are seeded only so that third-party code
+    that does is reproducible too.
+    """
+    clear_font_cache()
+    cv2.setNumThreads(1)  # OpenCV's own thread pool would oversubscribe the cores the workers share
+    torch.set_num_threads(1)
+    info = get_worker_info()
+    seed = (info.seed if info is not None else worker_id) % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Skip monitoring
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SkipMonitor:
+    """Counts skipped samples by reason, logs examples, and stops the run past ``max_skip_rate``.
+
+    The rate is skipped / seen over the whole run (restored on resume), judged once ``min_items`` samples were seen.
+    """
+
+    def __init__(self, max_skip_rate: float = 0.05, min_items: int = 100, examples_per_reason: int = 3):
+        self.max_skip_rate, self.min_items, self.examples = max_skip_rate, max(int(min_items), 1), examples_per_reason
+        self.seen = 0
+        self.counts: Counter = Counter()
+        self.first: dict[str, list[str]] = {}
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.counts.values())
+
+    def update(self, batch: dict) -> None:
+        """Account for one batch (kept + skipped items); raises :class:`TooManySkipsError` past the rate."""
+        records = batch.get("skip_records", [])
+        self.seen += len(batch["texts"]) + len(records)
+        for r in records:
+            self.counts[r.reason] += 1
+            shown = self.first.setdefault(r.reason, [])
+            if len(shown) < self.examples:
+                shown.append(str(r))
+                log.warning("skipped sample %s", r)
+        self.check()
+
+    def check(self) -> None:
+        if self.seen >= self.min_items and self.skipped > self.max_skip_rate * self.seen:
+            raise TooManySkipsError(self.message())
+
+    def message(self) -> str:
+        rate = self.skipped / max(self.seen, 1)
+        reasons = ", ".join(f"{k} {v}" for k, v in self.counts.most_common())
+        examples = "; ".join(e for v in self.first.values() for e in v[:1])
+        return (f"data: {self.skipped} of {self.seen} samples skipped ({rate:.1%} > max_skip_rate "
+                f"{self.max_skip_rate:.1%}): {reasons}. First of each: {examples}. Fix the data (run "
+                f"`anytext2-lcm validate-data` on the annotation files for a full report) or raise max_skip_rate.")
+
+    def summary(self) -> str:
+        if not self.counts:
+            return f"{self.seen} samples, none skipped"
+        return f"{self.seen} samples, {self.skipped} skipped: " + ", ".join(
+            f"{k} {v}" for k, v in self.counts.most_common())
+
+    def state_dict(self) -> dict:
+        return {"seen": self.seen, "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen = int(state["seen"])
+        self.counts = Counter({k: int(v) for k, v in state["counts"].items() if k in SKIP_REASONS})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class AnyWordLoader:
+    """A DataLoader over an AnyWord dataset that counts skips and can resume mid-epoch exactly.
+
+    Iterate it for one epoch of batches; ``set_epoch`` before each epoch; ``state_dict`` / ``load_state_dict``
+    carry the epoch, the position inside it and the skip counts.
+    """
+
+    def __init__(self, dataset: AnyWordDataset, loader: DataLoader, sampler: EpochSampler, monitor: SkipMonitor):
+        self.dataset, self.loader, self.sampler, self.monitor = dataset, loader, sampler, monitor
+        self.position = sampler.start
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start)
+        self.position = start
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.position += len(batch["texts"]) + len(batch["skip_records"])
+            self.monitor.update(batch)
+            yield batch
+        log.info("data epoch %d done: %s", self.epoch, self.monitor.summary())
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "skips": self.monitor.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_epoch(int(state["epoch"]), int(state["position"]))
+        self.monitor.load_state_dict(state["skips"])
+
+
+def make_dataloader(dataset: AnyWordDataset, batch_size: int, *, num_workers: int = 2, shuffle: bool = True,
+                    drop_last: bool = False, persistent_workers: bool = False, pin_memory: bool = False,
+                    prefetch_factor: int | None = None, rank: int = 0, world_size: int = 1, epoch: int = 0,
+                    start: int = 0, multiprocessing_context=None) -> AnyWordLoader:
+    """The DataLoader recipe for AnyWord data.
+
+    Workers run :func:`worker_init` (one thread each, fonts opened per worker and cached there, never per sample);
+    the sampler passes (epoch, index) so samples do not depend on worker assignment; the collate drops skipped
+    items; the monitor stops the run past ``dataset.cfg.max_skip_rate``.
+
+    Args:
+        batch_size: items drawn per batch (a batch holds fewer samples when some were skipped).
+        rank, world_size: data-parallel shard (each rank sees a disjoint part of every epoch).
+        epoch, start: where to begin (resume: the values of ``AnyWordLoader.state_dict()``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    cfg = dataset.cfg
+    sampler = EpochSampler(len(dataset), cfg.seed, shuffle, rank, world_size, epoch, start)
+    kwargs = {}
+    if num_workers > 0:
+        kwargs.update(worker_init_fn=worker_init, persistent_workers=persistent_workers,
+                      multiprocessing_context=multiprocessing_context)
+        if prefetch_factor is not None:
+            kwargs["prefetch_factor"] = prefetch_factor
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        collate_fn=AnyWordCollate.for_dataset(dataset), drop_last=drop_last, pin_memory=pin_memory,
+                        **kwargs)
+    monitor = SkipMonitor(cfg.max_skip_rate, min(cfg.min_items_for_skip_rate, max(len(dataset), 1)))
+    return AnyWordLoader(dataset, loader, sampler, monitor)

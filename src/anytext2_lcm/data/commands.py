@@ -1,0 +1,86 @@
+"""``anytext2-lcm make-data`` and ``anytext2-lcm validate-data``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = subparsers.add_parser(
+        "make-data", formatter_class=fmt,
+        help="write a synthetic dataset in the AnyWord-3M format (images + JSON)",
+        description="Render Latin and Chinese text lines onto photographs from scikit-image and procedural "
+                    "backgrounds, and write the images with an AnyWord-3M annotation file that the training reader "
+                    "and validate-data accept.")
+    p.add_argument("--out", required=True, help="output folder (images/ and anyword_synth*.json are written there)")
+    p.add_argument("--num", type=int, default=200, help="number of images")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels")
+    p.add_argument("--vary-size", action="store_true", help="random non-square sizes around --size")
+    p.add_argument("--min-lines", type=int, default=1, help="fewest text lines per image")
+    p.add_argument("--max-lines", type=int, default=5, help="most text lines per image")
+    p.add_argument("--chinese-prob", type=float, default=0.4, help="probability that a line is Chinese")
+    p.add_argument("--vertical-prob", type=float, default=0.15, help="probability that a line is vertical")
+    p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
+    p.add_argument("--font-dir", default=None, help="fonts to draw with (default: the system's fonts)")
+    p.add_argument("--shard-size", type=int, default=10000, help="rows per JSON file")
+    p.add_argument("--workers", type=int, default=1, help="processes")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    p.set_defaults(func=make_data)
+
+    v = subparsers.add_parser(
+        "validate-data", formatter_class=fmt,
+        help="check AnyWord annotation files with the training reader's rules and print a report",
+        description="Reads every row as training would (structure, image, size, polygons, text and fonts) and "
+                    "prints samples, lines per sample, languages, characters outside the font, skips by reason and "
+                    "image sizes. Exit status 1 when a file is unusable (not JSON, wrong structure, or no usable "
+                    "sample) or the skip rate exceeds --max-skip-rate.")
+    v.add_argument("json", nargs="+", help="annotation files")
+    v.add_argument("--image-size", type=int, default=512, help="training size the polygons are checked at")
+    v.add_argument("--max-chars", type=int, default=20, help="characters per line the reader keeps")
+    v.add_argument("--font", default=None, help="font file (FILE or FILE#INDEX) used for every line")
+    v.add_argument("--font-dir", default=None, help="per-language fonts (checked with --rand-font)")
+    v.add_argument("--rand-font", action="store_true", help="lines may use any font of their language")
+    v.add_argument("--wm-thresh", type=float, default=1.0, help="rows with wm_score above this are dropped")
+    v.add_argument("--full", action="store_true", help="also run the whole per-sample processing")
+    v.add_argument("--workers", type=int, default=1, help="processes")
+    v.add_argument("--max-skip-rate", type=float, default=None, help="fail when more samples are skipped")
+    v.add_argument("--examples", type=int, default=3, help="examples shown per skip reason")
+    v.set_defaults(func=validate_data)
+
+
+def make_data(args) -> int:
+    from ..cli import UsageError
+    from .synthetic import SynthConfig, write_dataset
+
+    out = Path(args.out)
+    if out.exists() and any(out.glob("anyword_synth*.json")) and not args.overwrite:
+        raise UsageError(f"{out} already holds a dataset (anyword_synth*.json); pass --overwrite or another --out")
+    cfg = SynthConfig(num=args.num, size=args.size, vary_size=args.vary_size, min_lines=args.min_lines,
+                      max_lines=args.max_lines, chinese_prob=args.chinese_prob, vertical_prob=args.vertical_prob,
+                      seed=args.seed, font_dir=args.font_dir, shard_size=args.shard_size)
+    if args.overwrite:
+        for old in out.glob("anyword_synth*.json"):
+            old.unlink()
+    paths = write_dataset(cfg, out, workers=max(args.workers, 1))
+    print(f"wrote {cfg.num} images to {out / 'images'} and {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def validate_data(args) -> int:
+    from .anyword import DataConfig
+    from .validate import format_report, validate_files
+
+    cfg = DataConfig(image_size=args.image_size, max_chars=args.max_chars, font=args.font, font_dir=args.font_dir,
+                     rand_font=args.rand_font, wm_thresh=args.wm_thresh)
+    rep = validate_files(args.json, cfg, full=args.full, workers=max(args.workers, 1), examples=args.examples)
+    print(format_report(rep))
+    status = 0 if rep.ok else 1
+    if args.max_skip_rate is not None and rep.samples and rep.n_skipped > args.max_skip_rate * rep.samples:
+        print(f"skip rate {rep.n_skipped / rep.samples:.1%} exceeds --max-skip-rate {args.max_skip_rate:.1%}")
+        status = 1
+    return status
