@@ -1096,8 +1096,9 @@ def export_kohya(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     """Write a kohya-style LoRA ``.safetensors``: ``<name>.lora_down.weight`` (= A), ``<name>.lora_up.weight``
     (= B) and ``<name>.alpha`` (0-dim tensor) with alpha / rank = PEFT's current scaling × ``scale``.
 
-    Returns counts: ``modules``, ``ms_wrapper_mergeable`` (what AnyText2's ms_wrapper would merge) and
-    ``skipped_by_ms_wrapper`` (AttnX / WriteNet / CLIP-free modules it would not find; a warning is logged).
+    Returns counts: ``modules``, ``ms_wrapper_mergeable`` (what AnyText2's ms_wrapper would merge: SD-1.5 UNet
+    block modules and CLIP) and ``skipped_by_ms_wrapper`` (AttnX, WriteNet and other modules its plain SD-1.5
+    UNet lacks; a warning is logged).
     Raises ConfigError for LoRA on networks without a kohya name (VAE, embedding manager, OCR).
     """
     path = Path(path)
