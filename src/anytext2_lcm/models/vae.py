@@ -95,7 +95,9 @@ def _key_maps(cfg_items: tuple) -> tuple[dict[str, str], dict[str, tuple[int, ..
 
     cfg = VAEConfig(**dict(cfg_items))
     keys = ldm_vae_keys(cfg)
-    markers = {f"first_stage_model.{k}": torch.tensor([float(i)], dtype=torch.float64) for i, (k, _) in enumerate(keys)}
+    # Markers live on the CPU even when the caller builds models under ``torch.device("meta")``.
+    markers = {f"first_stage_model.{k}": torch.tensor([float(i)], dtype=torch.float64, device="cpu")
+               for i, (k, _) in enumerate(keys)}
     converted = convert_ldm_vae_checkpoint(markers, diffusers_vae_config(cfg))
     to_ldm = {dk: keys[int(v.item())][0] for dk, v in converted.items()}
     if len(set(to_ldm.values())) != len(keys):
