@@ -16,12 +16,12 @@ import sys
 
 # Modules that provide ``register(subparsers)``. A module that does not exist yet is skipped.
 COMMAND_MODULES = (
-    "anytext2_lcm.commands.model",        # convert, parity, inspect
+    "anytext2_lcm.commands.model",        # convert, parity
     "anytext2_lcm.commands.generate",     # generate
     "anytext2_lcm.lora_commands",         # inspect, export (LoRA targets, adapters, merged checkpoints)
     "anytext2_lcm.data.commands",         # make-data, validate-data
     "anytext2_lcm.distill.commands",      # distill, train-teacher
-    "anytext2_lcm.evaluate.commands",     # evaluate, bench, export
+    "anytext2_lcm.evaluate.commands",     # evaluate, bench
     "anytext2_lcm.commands.demo",         # demo
     "anytext2_lcm.commands.ui",           # ui
 )
