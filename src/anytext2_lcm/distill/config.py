@@ -1,0 +1,584 @@
+"""The training configuration: one nested tree of typed dataclasses, mirrored by a YAML file.
+
+``anytext2-lcm distill --config FILE [key.sub=value ...]`` and ``anytext2-lcm train-teacher`` read a YAML file whose
+sections are the fields of :class:`TrainConfig` (``configs/distill_tiny.yaml``, ``configs/distill_sd15.yaml`` are
+complete examples)::
+
+    method: lcm                 # lcm (distillation) | teacher (AnyText2's own objective); pcm comes later
+    output_dir: runs/lcm
+    model:      {teacher: path/to/converted, preset: sd15}
+    data:       {json_paths: [...], image_size: 512, ...}   # anytext2_lcm.data.anyword.DataConfig
+    lora:       {rank: 64, alpha: 64, targets: lcm}         # anytext2_lcm.lora.LoraSpec
+    distill:    {guidance_scale_range: [7.0, 8.0], loss: huber, huber_c: 0.001, ...}
+    teacher_training: {trainable: [writenet, embedding_manager, attnx]}
+    optim:      {learning_rate: 1.0e-4, lr_scheduler: constant, lr_warmup_steps: 500, ...}
+    train:      {max_steps: 1000, batch_size: 4, gradient_accumulation_steps: 1, mixed_precision: bf16, ...}
+    checkpoint: {every_n_steps: 200, keep_last: 3, resume: latest}
+    validation: {every_n_steps: 200, sampler: lcm, steps: [4], prompts: [...]}
+    logging:    {tensorboard: true, progress_bar: true}
+
+Every field has its meaning in the docstring below it. Validation happens in ``__post_init__`` of each section and in
+:meth:`TrainConfig.__post_init__` (cross-section rules) and raises :class:`~anytext2_lcm.config.ConfigError` whose
+message starts with the dotted field name (``train.batch_size=0: must be >= 1``). :func:`load_config` also checks
+that the files a run needs exist (data, teacher, resume checkpoint). Nothing here imports a model, so an invalid
+configuration fails in milliseconds, before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import PRESETS, ConfigError
+from ..data.anyword import DataConfig
+from ..lora import LoraSpec
+from ..pipeline import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
+
+METHODS = ("lcm", "teacher")
+"""Training objectives this trainer runs (``pcm`` will be added beside ``lcm``)."""
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LOSSES = ("huber", "l2")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+OPTIMIZERS = ("adamw", "adamw8bit")
+VALIDATION_SAMPLERS = ("lcm", "tcd", "pcm", "ddim")
+TEACHER_TRAINABLE = ("writenet", "embedding_manager", "attnx")
+
+
+def _check(cond: bool, name: str, value: Any, rule: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}={value!r}: {rule}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    """Where the teacher comes from."""
+
+    teacher: str | None = None
+    """Teacher weights: a converted folder (``anytext2-lcm convert``; it carries its own architecture) or an official
+    ``.ckpt`` / ``.safetensors`` in the original layout. null = a randomly initialised ``preset`` (tests, benchmarks,
+    or the starting point of ``train-teacher``)."""
+    preset: str = "sd15"
+    """Architecture of a checkpoint file or of a random model: "sd15" (AnyText2) or "tiny" (tests)."""
+    init: str = "default"
+    """Random initialisation when ``teacher`` is null: "default" (PyTorch's, seeded by ``init_seed``: every layer
+    non-zero, a useful random teacher) or "original" (AnyText2's zero-initialised control and output layers, the
+    starting point for training a teacher from scratch)."""
+    init_seed: int = 0
+    """Seed of the random initialisation."""
+
+    def __post_init__(self) -> None:
+        _check(self.teacher is None or (isinstance(self.teacher, str) and self.teacher != ""), "model.teacher",
+               self.teacher, "must be a path or null")
+        _check(self.preset in PRESETS, "model.preset", self.preset, f"unknown preset (known: {sorted(PRESETS)})")
+        _check(self.init in ("default", "original"), "model.init", self.init, "must be 'default' or 'original'")
+        _check(_is_int(self.init_seed) and self.init_seed >= 0, "model.init_seed", self.init_seed,
+               "must be an integer >= 0")
+
+
+@dataclass(kw_only=True)
+class DistillSection:
+    """The consistency-distillation objective (LCM; shared by the phased variant)."""
+
+    num_ddim_timesteps: int = 50
+    """Points of the DDIM solver grid (N); the skipping interval is k = T / N (50 → k = 20, grid {19, 39, …, 999})."""
+    guidance_scale_range: tuple[float, float] = (7.0, 8.0)
+    """Teacher CFG scale s in AnyText2's (Imagen) form, drawn per sample from U[low, high]; the LCM weight is
+    w = s − 1. AnyText2 samples at 7.5–9, so the default is a narrow band around 7.5. [s, s] fixes it."""
+    loss: str = "huber"
+    """Consistency loss: "huber" (pseudo-Huber, the LCM-LoRA default) or "l2"."""
+    huber_c: float = 0.001
+    """The pseudo-Huber constant c."""
+    text_loss_weight: float = 0.0
+    """Extra loss weight λ inside the text regions: weight = 1 + λ·(latent cell touches a line's position)."""
+    timestep_scaling: float = 10.0
+    """LCM boundary-condition timestep scaling (c_skip, c_out are computed at timestep_scaling · t)."""
+    sigma_data: float = 0.5
+    """LCM boundary-condition σ_data."""
+    a_prompt: str = DEFAULT_A_PROMPT
+    """Added to every image caption of the conditional branch as ``caption + ", " + a_prompt`` (AnyText2 inference)."""
+    n_prompt: str = DEFAULT_N_PROMPT
+    """Image prompt of the unconditional branch (its text prompt is "")."""
+    control_strength: float = 1.0
+    """Scale of the WriteNet residuals (AnyText2's ``strength``)."""
+    attnx_scale: float = 1.0
+    """AttnX strength."""
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.num_ddim_timesteps) and self.num_ddim_timesteps >= 1, "distill.num_ddim_timesteps",
+               self.num_ddim_timesteps, "must be an integer >= 1")
+        r = self.guidance_scale_range
+        _check(isinstance(r, (list, tuple)) and len(r) == 2 and all(_is_num(v) for v in r),
+               "distill.guidance_scale_range", r, "must be [low, high] numbers")
+        self.guidance_scale_range = (float(r[0]), float(r[1]))
+        lo, hi = self.guidance_scale_range
+        _check(lo <= hi, "distill.guidance_scale_range", r, "low must be <= high (the range is reversed)")
+        _check(lo >= 1.0, "distill.guidance_scale_range", r,
+               "scales must be >= 1 (Imagen form: 1 = no guidance; the LCM weight is w = s - 1)")
+        _check(self.loss in LOSSES, "distill.loss", self.loss, f"must be one of {LOSSES}")
+        _check(_is_num(self.huber_c) and self.huber_c > 0, "distill.huber_c", self.huber_c, "must be > 0")
+        _check(_is_num(self.text_loss_weight) and self.text_loss_weight >= 0, "distill.text_loss_weight",
+               self.text_loss_weight, "must be >= 0")
+        _check(_is_num(self.timestep_scaling) and self.timestep_scaling > 0, "distill.timestep_scaling",
+               self.timestep_scaling, "must be > 0")
+        _check(_is_num(self.sigma_data) and self.sigma_data > 0, "distill.sigma_data", self.sigma_data, "must be > 0")
+        _check(isinstance(self.a_prompt, str), "distill.a_prompt", self.a_prompt, "must be a string")
+        _check(isinstance(self.n_prompt, str), "distill.n_prompt", self.n_prompt, "must be a string")
+        _check(_is_num(self.control_strength) and self.control_strength >= 0, "distill.control_strength",
+               self.control_strength, "must be >= 0")
+        _check(_is_num(self.attnx_scale), "distill.attnx_scale", self.attnx_scale, "must be a number")
+
+
+@dataclass(kw_only=True)
+class TeacherTrainingSection:
+    """AnyText2's own objective (``method: teacher``): ε-MSE outside ``inv_mask``."""
+
+    trainable: tuple[str, ...] = TEACHER_TRAINABLE
+    """What trains (the original recipe: all three): "writenet" (``control_model``), "embedding_manager" (the
+    text-embedding module incl. its font OCR) and "attnx" (the UNet's attn1x/attn2x). Everything else is frozen."""
+
+    def __post_init__(self) -> None:
+        t = self.trainable
+        if isinstance(t, str):
+            t = (t,)
+        _check(isinstance(t, (list, tuple)) and len(t) >= 1, "teacher_training.trainable", self.trainable,
+               f"must be a non-empty list of {TEACHER_TRAINABLE}")
+        bad = [x for x in t if x not in TEACHER_TRAINABLE]
+        _check(not bad, "teacher_training.trainable", self.trainable, f"unknown part(s) {bad}; known: "
+               f"{TEACHER_TRAINABLE}")
+        self.trainable = tuple(t)
+
+
+@dataclass(kw_only=True)
+class OptimSection:
+    """Optimizer and learning-rate schedule (steps count optimizer steps)."""
+
+    optimizer: str = "adamw"
+    """"adamw" (torch) or "adamw8bit" (bitsandbytes, which must be installed)."""
+    learning_rate: float = 1e-4
+    """Peak learning rate."""
+    adam_beta1: float = 0.9
+    """AdamW β1."""
+    adam_beta2: float = 0.999
+    """AdamW β2."""
+    adam_epsilon: float = 1e-8
+    """AdamW ε."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_scheduler: str = "constant_with_warmup"
+    """Schedule (diffusers' ``get_scheduler``): constant, constant_with_warmup, linear, cosine,
+    cosine_with_restarts, polynomial."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this (null: no clipping; the norm is still measured and logged)."""
+
+    def __post_init__(self) -> None:
+        _check(self.optimizer in OPTIMIZERS, "optim.optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
+        if self.optimizer == "adamw8bit":
+            _check(importlib.util.find_spec("bitsandbytes") is not None, "optim.optimizer", self.optimizer,
+                   "needs the bitsandbytes package (pip install bitsandbytes), or use 'adamw'")
+        _check(_is_num(self.learning_rate) and self.learning_rate > 0, "optim.learning_rate", self.learning_rate,
+               "must be > 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, name)
+            _check(_is_num(v) and 0 <= v < 1, f"optim.{name}", v, "must lie in [0, 1)")
+        _check(_is_num(self.adam_epsilon) and self.adam_epsilon > 0, "optim.adam_epsilon", self.adam_epsilon,
+               "must be > 0")
+        _check(_is_num(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", self.weight_decay,
+               "must be >= 0")
+        _check(self.lr_scheduler in LR_SCHEDULERS, "optim.lr_scheduler", self.lr_scheduler,
+               f"must be one of {LR_SCHEDULERS}")
+        _check(_is_int(self.lr_warmup_steps) and self.lr_warmup_steps >= 0, "optim.lr_warmup_steps",
+               self.lr_warmup_steps, "must be an integer >= 0")
+        _check(self.max_grad_norm is None or (_is_num(self.max_grad_norm) and self.max_grad_norm > 0),
+               "optim.max_grad_norm", self.max_grad_norm, "must be > 0 or null")
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    """The loop: length, batch, precision, reliability limits."""
+
+    max_steps: int = 1000
+    """Optimizer steps to train for (a step that is skipped for non-finite values counts)."""
+    batch_size: int = 4
+    """Samples per micro-batch and process."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step; global batch = batch_size × accumulation × processes."""
+    mixed_precision: str = "no"
+    """"no" (fp32), "bf16" or "fp16" autocast; trainable weights stay fp32. On a CPU fp16 is mapped to fp32 with a
+    warning (it is a no-op or ~40× slower there)."""
+    cast_frozen: bool = False
+    """With bf16/fp16: store the frozen UNet, WriteNet, CLIP and OCR weights in that dtype (halves their memory).
+    The VAE and the trainable weights stay fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute UNet block activations in the backward pass (``torch.utils.checkpoint``): less memory, ~30% slower."""
+    seed: int = 0
+    """Training seed: sample i of epoch e draws its timestep, guidance, noise and VAE samples from
+    SeedSequence([seed, e, i]), so results do not depend on the rank or worker that processes it."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0: load in the training process)."""
+    max_consecutive_nonfinite: int = 10
+    """Stop the run after this many optimizer steps in a row were skipped for a non-finite loss or gradient."""
+    ddp_find_unused_parameters: bool = False
+    """Passed to DistributedDataParallel (needed only when some trainable weight gets no gradient)."""
+    device: str = "auto"
+    """"auto" (CUDA when available), "cpu" or "cuda"."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_consecutive_nonfinite"):
+            v = getattr(self, name)
+            _check(_is_int(v) and v >= 1, f"train.{name}", v, "must be an integer >= 1")
+        _check(self.mixed_precision in MIXED_PRECISION, "train.mixed_precision", self.mixed_precision,
+               f"must be one of {MIXED_PRECISION}")
+        _check(_is_int(self.seed) and self.seed >= 0, "train.seed", self.seed, "must be an integer >= 0")
+        _check(_is_int(self.num_workers) and self.num_workers >= 0, "train.num_workers", self.num_workers,
+               "must be an integer >= 0")
+        _check(self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "must be auto, cpu or cuda")
+
+
+@dataclass(kw_only=True)
+class CheckpointSection:
+    """Training checkpoints (``OUTPUT/checkpoints/checkpoint-NNNNNN``, see ``distill.checkpoints``)."""
+
+    every_n_steps: int = 500
+    """Save every this many optimizer steps (0: only at the end and on SIGTERM/SIGINT)."""
+    keep_last: int = 3
+    """Complete checkpoints kept; older ones are deleted only after a newer one is complete."""
+    resume: str | None = None
+    """null (start fresh; refuses an output_dir that already has checkpoints), "latest" (newest complete
+    checkpoint, or start fresh when there is none) or a checkpoint folder."""
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.every_n_steps) and self.every_n_steps >= 0, "checkpoint.every_n_steps",
+               self.every_n_steps, "must be an integer >= 0")
+        _check(_is_int(self.keep_last) and self.keep_last >= 1, "checkpoint.keep_last", self.keep_last,
+               "must be an integer >= 1 (the rotation limit)")
+        _check(self.resume is None or (isinstance(self.resume, str) and self.resume != ""), "checkpoint.resume",
+               self.resume, "must be null, 'latest' or a checkpoint folder")
+
+
+@dataclass(kw_only=True)
+class ValidationPrompt:
+    """One validation image: a prompt with "quoted" lines and one box per line."""
+
+    prompt: str
+    """Image prompt; each "quoted" span is a text line."""
+    positions: list = field(default_factory=list)
+    """One box [x0, y0, x1, y1] or polygon [[x, y], ...] per line, in pixels of the validation image."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.prompt, str) and self.prompt.strip() != "", "validation.prompts.prompt", self.prompt,
+               "must be a non-empty string")
+        _check(isinstance(self.positions, list), "validation.prompts.positions", self.positions, "must be a list")
+
+
+@dataclass(kw_only=True)
+class ValidationSection:
+    """Validation images rendered by the student at the exact inference timesteps, logged to TensorBoard."""
+
+    every_n_steps: int = 0
+    """Render every this many optimizer steps and at the end (0: never)."""
+    sampler: str = "lcm"
+    """Sampler of the student: lcm, tcd, pcm (a teacher run: ddim)."""
+    steps: tuple[int, ...] = (4,)
+    """Step counts to render (lcm 4 → timesteps [999, 759, 499, 259])."""
+    cfg_scale: float = 1.0
+    """CFG scale at validation (1: the distilled student needs none)."""
+    seed: int = 100
+    """Seed of every validation image (AnyText's benchmark seed)."""
+    image_size: int = 512
+    """Side of the validation images (a multiple of 64)."""
+    prompts: list = field(default_factory=list)
+    """ValidationPrompt entries; empty: two built-in prompts."""
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.every_n_steps) and self.every_n_steps >= 0, "validation.every_n_steps",
+               self.every_n_steps, "must be an integer >= 0")
+        _check(self.sampler in VALIDATION_SAMPLERS, "validation.sampler", self.sampler,
+               f"unknown sampler (known: {VALIDATION_SAMPLERS})")
+        steps = (self.steps,) if _is_int(self.steps) else self.steps
+        _check(isinstance(steps, (list, tuple)) and len(steps) >= 1 and all(_is_int(s) and s >= 1 for s in steps),
+               "validation.steps", self.steps, "must be a non-empty list of integers >= 1")
+        self.steps = tuple(steps)
+        _check(_is_num(self.cfg_scale) and self.cfg_scale > 0, "validation.cfg_scale", self.cfg_scale, "must be > 0")
+        _check(_is_int(self.seed) and self.seed >= 0, "validation.seed", self.seed, "must be an integer >= 0")
+        _check(_is_int(self.image_size) and self.image_size >= 64 and self.image_size % 64 == 0,
+               "validation.image_size", self.image_size, "must be a positive multiple of 64")
+        _check(isinstance(self.prompts, list), "validation.prompts", self.prompts, "must be a list")
+        self.prompts = [p if isinstance(p, ValidationPrompt) else _build(ValidationPrompt, p, "validation.prompts")
+                        for p in self.prompts]
+
+
+@dataclass(kw_only=True)
+class LoggingSection:
+    """Scalars (TensorBoard, ``OUTPUT/metrics.jsonl``) and the console."""
+
+    tensorboard: bool = True
+    """Write TensorBoard events to ``OUTPUT/logs`` (loss, lr, grad norm, skipped samples, steps/s, images)."""
+    progress_bar: bool = True
+    """A tqdm progress bar on the main process."""
+    log_every_n_steps: int = 1
+    """Scalars every this many optimizer steps."""
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.log_every_n_steps) and self.log_every_n_steps >= 1, "logging.log_every_n_steps",
+               self.log_every_n_steps, "must be an integer >= 1")
+
+
+@dataclass(kw_only=True)
+class DebugSection:
+    """Fault injection for the reliability tests. Leave empty in real runs."""
+
+    nonfinite_loss_at_steps: tuple[int, ...] = ()
+    """Optimizer steps (1-based) whose loss is replaced by NaN on every rank."""
+    sleep_per_step: float = 0.0
+    """Seconds to sleep after each micro-step (gives signal tests a window)."""
+
+    def __post_init__(self) -> None:
+        v = self.nonfinite_loss_at_steps
+        _check(isinstance(v, (list, tuple)) and all(_is_int(s) and s >= 1 for s in v), "debug.nonfinite_loss_at_steps",
+               v, "must be a list of integers >= 1")
+        self.nonfinite_loss_at_steps = tuple(v)
+        _check(_is_num(self.sleep_per_step) and self.sleep_per_step >= 0, "debug.sleep_per_step", self.sleep_per_step,
+               "must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tree
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """A whole training run (``distill`` or ``train-teacher``)."""
+
+    method: str = "lcm"
+    """Objective: "lcm" (LCM-LoRA distillation from the frozen teacher) or "teacher" (AnyText2's own objective)."""
+    output_dir: str = "runs/distill"
+    """Run folder: checkpoints/, logs/ (TensorBoard), metrics.jsonl, validation/, config.yaml and the results
+    (adapter/ + adapter.safetensors; a teacher run: model/)."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    """The data reader (``anytext2_lcm.data.anyword.DataConfig``)."""
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    """The student adapter (``anytext2_lcm.lora.LoraSpec``); unused by ``method: teacher``."""
+    distill: DistillSection = field(default_factory=DistillSection)
+    teacher_training: TeacherTrainingSection = field(default_factory=TeacherTrainingSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    debug: DebugSection = field(default_factory=DebugSection)
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, "method", self.method, f"unknown method (known: {METHODS})")
+        _check(isinstance(self.output_dir, str) and self.output_dir != "", "output_dir", self.output_dir,
+               "must be a folder path")
+        _check(len(self.data.json_paths) >= 1, "data.json_paths", list(self.data.json_paths),
+               "give at least one AnyWord annotation file")
+        T = 1000  # every preset's diffusion.timesteps; the grid must tile it
+        n = self.distill.num_ddim_timesteps
+        _check(n <= T and T % n == 0, "distill.num_ddim_timesteps", n, f"must divide the {T} training timesteps")
+        if self.method == "lcm":
+            _check(not self.lora.train_embedding_manager, "lora.train_embedding_manager",
+                   self.lora.train_embedding_manager,
+                   "must be false for distillation: the teacher shares the embedding manager, training it would "
+                   "change the teacher")
+            _check(self.validation.sampler != "ddim" or self.validation.every_n_steps == 0, "validation.sampler",
+                   self.validation.sampler, "a distilled student is validated with lcm, tcd or pcm")
+        else:
+            _check(self.validation.sampler == "ddim" or self.validation.every_n_steps == 0, "validation.sampler",
+                   self.validation.sampler, "a teacher is validated with ddim (and e.g. steps [20], cfg_scale 7.5)")
+        _check(self.optim.lr_warmup_steps <= self.train.max_steps or self.optim.lr_scheduler == "constant",
+               "optim.lr_warmup_steps", self.optim.lr_warmup_steps,
+               f"must not exceed train.max_steps ({self.train.max_steps})")
+
+    # ---- views ------------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """Plain data (lists instead of tuples), the form written to ``OUTPUT/config.yaml``."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def structure(self) -> dict:
+        """The settings a checkpoint can only be resumed under (others may change between runs).
+
+        Changing these alters the trained tensors' shapes or meaning, or the data position's meaning.
+        """
+        s: dict[str, Any] = {
+            "method": self.method,
+            "model.preset": self.model.preset,
+            "train.batch_size": self.train.batch_size,
+            "train.gradient_accumulation_steps": self.train.gradient_accumulation_steps,
+            "train.seed": self.train.seed,
+            "data.image_size": self.data.image_size,
+            "data.max_lines": self.data.max_lines,
+            "data.seed": self.data.seed,
+        }
+        if self.model.teacher is None:
+            s.update({"model.init": self.model.init, "model.init_seed": self.model.init_seed})
+        if self.method == "teacher":
+            s["teacher_training.trainable"] = list(self.teacher_training.trainable)
+        else:
+            s.update({"lora.rank": self.lora.rank, "lora.alpha": float(self.lora.alpha),
+                      "lora.targets": self.lora.targets if isinstance(self.lora.targets, str)
+                      else list(self.lora.targets), "lora.zero_convs": self.lora.zero_convs})
+        return s
+
+    def fingerprint(self) -> str:
+        """sha256 of the resolved configuration (for logs and the run folder)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building from YAML / dicts, overrides
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, recursing into dataclass-typed fields; unknown keys are errors."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of fields, got {type(values).__name__} {values!r}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}: unknown field (known in {prefix or 'the top level'}: "
+                          f"{', '.join(sorted(names))})".lstrip("."))
+    kwargs = {}
+    for k, v in values.items():
+        t = hints.get(k)
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
+            kwargs[k] = _build(t, v, f"{prefix}.{k}".lstrip("."))
+        else:
+            kwargs[k] = v
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # e.g. a required field missing
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from plain data (a parsed YAML document)."""
+    return _build(TrainConfig, d, "")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.max_steps=10"`` → (["train", "max_steps"], 10); the value is parsed as YAML (``[7, 8]``, ``null``)."""
+    import yaml
+
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: value {raw!r} is not valid YAML ({e})") from None
+    return key.split("."), value
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` overrides to a plain-data config in place (unknown keys are caught by the build)."""
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = d
+        for p in path[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{'.'.join(path)}: {p} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return d
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return doc
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """The files a run needs exist: data annotation files, the teacher, an explicit resume checkpoint."""
+    for p in cfg.data.json_paths:
+        _check(Path(p).is_file(), "data.json_paths", p, "file not found")
+    if cfg.model.teacher is not None:
+        _check(Path(cfg.model.teacher).exists(), "model.teacher", cfg.model.teacher, "file or folder not found")
+    r = cfg.checkpoint.resume
+    if r is not None and r != "latest":
+        _check(Path(r).is_dir(), "checkpoint.resume", r, "checkpoint folder not found (or use 'latest')")
+    if isinstance(cfg.lora.targets, str) and cfg.lora.targets.endswith(".json"):
+        _check(Path(cfg.lora.targets).is_file(), "lora.targets", cfg.lora.targets, "targets file not found")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                base: dict | None = None, check_files: bool = True, method: str | None = None) -> TrainConfig:
+    """Read, override, build and validate a configuration; no model is built.
+
+    Args:
+        path: YAML file (None: start from ``base`` or the defaults).
+        overrides: ``key.sub=value`` strings applied after the file.
+        base: plain-data config to start from when ``path`` is None.
+        check_files: also check that data, teacher and resume paths exist (:func:`check_paths`).
+        method: force ``method`` (the ``train-teacher`` command passes "teacher").
+    Raises:
+        ConfigError: the first invalid value, named by its dotted field.
+        FileNotFoundError: the YAML file does not exist.
+    """
+    d = read_yaml(path) if path is not None else json.loads(json.dumps(base or {}))
+    if method is not None:
+        if d.get("method", method) != method:
+            raise ConfigError(f"method={d['method']!r}: this command trains method {method!r}")
+        d["method"] = method
+    apply_overrides(d, overrides or [])
+    cfg = config_from_dict(d)
+    if check_files:
+        check_paths(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,54 @@
+"""The training DataLoader: the data module's reader, sampler, collate and skip monitor, plus sample indices.
+
+Built from the public pieces of :mod:`anytext2_lcm.data.collate` (the same recipe as ``make_dataloader``) with three
+additions the trainer needs:
+
+* each batch carries ``index`` (the dataset indices of its kept samples): the trainer seeds each sample's
+  randomness from (seed, epoch, index);
+* the DataLoader gets its own ``torch.Generator``: creating an epoch's iterator then does not draw from the global
+  torch generator (which is checkpointed; an extra draw at a mid-epoch resume would shift it);
+* workers ignore SIGINT and SIGTERM: a preemption signal is the main process's to handle (it finishes the step and
+  saves); workers stop with it.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.anyword import AnyWordDataset
+from ..data.collate import AnyWordCollate, AnyWordLoader, EpochSampler, SkipMonitor, worker_init
+from ..data.skips import SkipRecord
+
+
+class IndexedCollate:
+    """``AnyWordCollate`` plus ``batch["index"]``: the dataset indices of the kept samples, in batch order."""
+
+    def __init__(self, base: AnyWordCollate):
+        self.base = base
+
+    def __call__(self, items: list) -> dict:
+        out = self.base(items)
+        out["index"] = [int(x["index"]) for x in items if not isinstance(x, SkipRecord)]
+        return out
+
+
+def training_worker_init(worker_id: int) -> None:
+    worker_init(worker_id)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def build_loader(cfg, rank: int = 0, world_size: int = 1) -> AnyWordLoader:
+    """The loader of a :class:`~.config.TrainConfig` for one rank (shuffled, epoch-seeded by ``data.seed``)."""
+    dataset = AnyWordDataset(cfg.data)
+    sampler = EpochSampler(len(dataset), cfg.data.seed, True, rank, world_size)
+    workers = cfg.train.num_workers
+    kwargs = {"worker_init_fn": training_worker_init} if workers > 0 else {}
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
+                        collate_fn=IndexedCollate(AnyWordCollate.for_dataset(dataset)),
+                        generator=torch.Generator().manual_seed(cfg.train.seed), **kwargs)
+    monitor = SkipMonitor(cfg.data.max_skip_rate, min(cfg.data.min_items_for_skip_rate, max(len(dataset), 1)))
+    return AnyWordLoader(dataset, loader, sampler, monitor)

@@ -1,0 +1,198 @@
+"""The LCM-LoRA distillation step for AnyText2 (Luo et al. 2023, arXiv 2310.04378, Algorithm 1; LCM-LoRA, arXiv
+2311.05556), in the form of diffusers' ``train_lcm_distill_lora_sd_wds.py`` with AnyText2's conditioning.
+
+One network in memory: the teacher is the student with its LoRA disabled (``lora.disable_adapters``). The WriteNet
+is frozen and, with fast control, its residuals depend only on the text conditioning — not on x_t or t — so each
+micro-step runs it once, batched over cond and uncond, and reuses the residuals for the student, both teacher
+branches and the target (:func:`distill_conditions`). When a LoRA sits inside the WriteNet (``lora.zero_convs`` or
+a WriteNet preset) the residuals depend on the adapter: the teacher then gets them with adapters disabled, the
+student recomputes its cond residuals with the adapter and with grad, and the target uses those values without grad.
+
+Teacher guidance mirrors AnyText2 inference: cond = (image caption + ", " + a_prompt, text caption with ``*``
+placeholders); uncond = (n_prompt, "") with the same glyphs, positions, font hints, colours and masked_x. The scale
+s is drawn per sample from ``distill.guidance_scale_range`` (Imagen form) and applied in the LCM form with w = s − 1
+to both x̂0 and ε̂. The LoRA student has no w-embedding: it learns the guided ODE over that band.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..lora import LoraSpec, apply_lora, disable_adapters, lora_layers, save_lora
+from ..pipeline import Branches, GuidedDenoiser, encode_branches
+from ..samplers.schedule import NoiseSchedule
+from .batch import Method, StepOutput, TrainBatch, randn_per_sample, text_weight_map
+from .losses import huber_loss, l2_loss
+from .solver import (DDIMSolver, consistency_output, imagen_scale_to_lcm_w, lcm_guidance, predicted_original_sample,
+                     sample_guidance_w)
+
+log = logging.getLogger(__name__)
+
+
+class DenoiserNet(nn.Module):
+    """The student's grad-carrying forward, as one module for DistributedDataParallel.
+
+    ``forward(x, t, image_context, control)`` → ε (B, 4, h, w). With ``control=None`` the WriteNet residuals are
+    computed inside (from ``text_context`` and ``text_info``), so that a LoRA in the WriteNet gets its gradient
+    through the same DDP call.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, image_context, control=None, text_context=None, text_info=None, strength=1.0,
+                attnx_scale=1.0):
+        if control is None:
+            control = self.model.control(text_context, text_info)
+        return self.model.denoise(x, t, image_context, control, strength, attnx_scale)
+
+
+@dataclass
+class DistillConditions:
+    """The conditioning of a micro-step, computed once.
+
+    Attributes:
+        teacher: cond and uncond contexts with the teacher's WriteNet residuals (adapters disabled, no grad).
+        student_control: the residuals the student and the target use; None when a LoRA in the WriteNet makes them
+            adapter-dependent (the student then computes its own with grad, see :class:`DenoiserNet`).
+    """
+
+    teacher: Branches
+    student_control: list[torch.Tensor] | None
+
+
+def has_writenet_lora(model: nn.Module) -> bool:
+    return any(name.startswith("control_model.") for name in lora_layers(model))
+
+
+@torch.no_grad()
+def distill_conditions(model: nn.Module, tb: TrainBatch, a_prompt: str, n_prompt: str) -> DistillConditions:
+    """Line embeddings, CLIP contexts and WriteNet residuals for cond and uncond: one batched WriteNet call."""
+    B = tb.batch_size
+    img_prompts = [c + ", " + a_prompt if a_prompt else c for c in tb.img_captions]
+    with disable_adapters(model):
+        branches = encode_branches(model, tb.text_info, img_prompts, tb.text_captions, [n_prompt] * B, [""] * B)
+    return DistillConditions(branches, None if has_writenet_lora(model) else branches.control_cond)
+
+
+def lcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, cond: DistillConditions, solver: DDIMSolver,
+             schedule: NoiseSchedule, guidance_scale_range: tuple[float, float], loss_type: str = "huber",
+             huber_c: float = 0.001, text_loss_weight: float = 0.0, timestep_scaling: float = 10.0,
+             sigma_data: float = 0.5, strength: float = 1.0, attnx_scale: float = 1.0) -> StepOutput:
+    """One LCM consistency-distillation loss (B samples, latents (B, 4, h, w)).
+
+    Args:
+        net: :class:`DenoiserNet` over ``model`` (possibly DDP-wrapped): the student pass with grad goes through it.
+        model: the AnyText2 with its LoRA; the teacher is ``model`` inside ``disable_adapters``.
+        tb: the prepared batch; each sample draws its grid index, guidance and noise from ``tb.gens[b]``.
+        cond: :func:`distill_conditions` of ``tb``.
+        solver: the DDIM solver on the N-point grid.
+        guidance_scale_range: (low, high) of the teacher's Imagen-form CFG scale.
+    Returns:
+        ``StepOutput`` with the loss and, in ``tensors``: index, start, end, w, x_t, student, x_prev, target.
+    """
+    x0 = tb.latents
+    B, device = x0.shape[0], x0.device
+    image_context = cond.teacher.cond.image_context
+
+    # 1. Skipping-step pair on the DDIM grid (Alg. 1, k = T / N): i ~ U{0..N−1}, t_{n+k} = grid[i],
+    #    t_n = max(t_{n+k} − k, 0); guidance w = s − 1 with s ~ U[low, high]; then the noise, per sample.
+    pairs = [solver.sample_pairs(1, generator=g) for g in tb.gens]
+    index = torch.cat([p.index for p in pairs]).to(device)
+    start = torch.cat([p.start for p in pairs]).to(device)
+    end = torch.cat([p.end for p in pairs]).to(device)
+    lo, hi = (imagen_scale_to_lcm_w(s) for s in guidance_scale_range)
+    w = torch.cat([sample_guidance_w(1, lo, hi, generator=g) for g in tb.gens]).to(device)
+    noise = randn_per_sample(tb.gens, tuple(x0.shape[1:]), device)
+
+    # 2. Forward diffusion to t_{n+k}: x_t = sqrt(ᾱ) x0 + sqrt(1 − ᾱ) ε.
+    x_t = schedule.add_noise(x0, noise, start)
+
+    # 3. Online student with grad: f_θ(x_t, t_{n+k}) = c_skip x_t + c_out x̂0(ε_θ) (LCM eq. 9); cond branch only.
+    if cond.student_control is not None:
+        eps = net(x_t, start, image_context, cond.student_control, strength=strength, attnx_scale=attnx_scale)
+    else:
+        eps = net(x_t, start, image_context, None, cond.teacher.cond.text_context, tb.text_info, strength,
+                  attnx_scale)
+    student = consistency_output(x_t, predicted_original_sample(eps, x_t, start, schedule), start,
+                                 timestep_scaling, sigma_data)
+
+    with torch.no_grad():
+        # 4. Teacher (adapters off): ε_c and ε_u in one batched call, guided in the LCM form on x̂0 and on ε
+        #    (eq. 11: (1 + w)·cond − w·uncond), then one DDIM step from t_{n+k} to t_n.
+        with disable_adapters(model):
+            eps_c, eps_u = GuidedDenoiser(model, cond.teacher, 1.0, strength, attnx_scale).split(x_t, start)
+        x0_c = predicted_original_sample(eps_c, x_t, start, schedule)
+        x0_u = predicted_original_sample(eps_u, x_t, start, schedule)
+        pred_x0 = lcm_guidance(x0_c.float(), x0_u.float(), w)
+        pred_eps = lcm_guidance(eps_c.float(), eps_u.float(), w)
+        x_prev = solver.ddim_step(pred_x0, pred_eps, index)
+
+        # 5. Target: the same student without grad (no separate target network for LCM-LoRA), at (x_prev, t_n).
+        control_t = cond.student_control
+        if control_t is None:
+            control_t = model.control(cond.teacher.cond.text_context, tb.text_info)
+        eps_t = model.denoise(x_prev, end, image_context, control_t, strength, attnx_scale)
+        target = consistency_output(x_prev, predicted_original_sample(eps_t, x_prev, end, schedule), end,
+                                    timestep_scaling, sigma_data)
+
+    # 6. Distance: pseudo-Huber (c) or L2, optionally weighted 1 + λ inside the text regions.
+    weight = text_weight_map(tb.hint, tuple(x0.shape[-2:]), text_loss_weight)
+    if loss_type == "huber":
+        loss = huber_loss(student.float(), target.float(), huber_c, weight)
+    else:
+        loss = l2_loss(student.float(), target.float(), weight)
+    return StepOutput(loss, {"w": float(w.mean()), "t": float(start.float().mean())},
+                      {"index": index, "start": start, "end": end, "w": w, "x_t": x_t.detach(),
+                       "student": student.detach(), "x_prev": x_prev, "target": target})
+
+
+class LCMMethod(Method):
+    """LCM-LoRA: a PEFT LoRA on the frozen teacher, trained with :func:`lcm_step`."""
+
+    name = "lcm"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.schedule = None
+        self.solver = None
+
+    def configure_model(self, model: nn.Module) -> list[nn.Parameter]:
+        d = self.cfg.distill
+        self.schedule = NoiseSchedule(model.alphas_cumprod.detach().float().cpu())
+        self.solver = DDIMSolver(self.schedule, d.num_ddim_timesteps)
+        spec: LoraSpec = self.cfg.lora
+        apply_lora(model, spec)
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()  # fp32 master weights whatever the base dtype
+        return params
+
+    def set_train_mode(self, model: nn.Module) -> None:
+        # Everything frozen stays in eval (the OCR BatchNorms must not update their statistics: that would change
+        # the teacher); only LoRA dropout follows the training mode.
+        model.eval()
+        for name, m in model.named_modules():
+            if name.endswith("lora_dropout"):
+                m.train()
+
+    def network(self, model: nn.Module) -> nn.Module:
+        return DenoiserNet(model)
+
+    def step(self, net: nn.Module, model: nn.Module, tb: TrainBatch) -> StepOutput:
+        d = self.cfg.distill
+        cond = distill_conditions(model, tb, d.a_prompt, d.n_prompt)
+        return lcm_step(net, model, tb, cond, self.solver, self.schedule, d.guidance_scale_range, d.loss, d.huber_c,
+                        d.text_loss_weight, d.timestep_scaling, d.sigma_data, d.control_strength, d.attnx_scale)
+
+    def save_results(self, model: nn.Module, output_dir: Path) -> list[Path]:
+        name = self.cfg.lora.adapter_name
+        meta = {"method": self.name, "guidance_scale_range": str(list(self.cfg.distill.guidance_scale_range))}
+        return [save_lora(model, output_dir / "adapter", name),
+                save_lora(model, output_dir / "adapter.safetensors", name, metadata=meta)]

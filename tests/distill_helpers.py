@@ -1,0 +1,135 @@
+"""Shared pieces of the trainer tests: a tiny synthetic dataset (built once per session), tiny configs, subprocess
+runs of the CLI, and readers for what a run leaves behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+_DATASETS: dict[tuple, Path] = {}
+
+
+def tiny_dataset(root: Path, num: int = 8, size: int = 128, max_lines: int = 1) -> Path:
+    """A synthetic AnyWord dataset (``num`` images with 1..``max_lines`` lines); cached per session by its recipe."""
+    key = (num, size, max_lines)
+    if key in _DATASETS and _DATASETS[key].is_file():
+        return _DATASETS[key]
+    from anytext2_lcm.data.synthetic import SynthConfig, write_dataset
+
+    out = Path(root) / f"synth_{num}_{size}_{max_lines}"
+    paths = write_dataset(SynthConfig(num=num, size=size, min_lines=1, max_lines=max_lines, seed=0), out)
+    _DATASETS[key] = Path(paths[0])
+    return _DATASETS[key]
+
+
+def base_config(data_json: Path, out_dir: Path) -> dict:
+    """The tests' tiny run: 64 px, one line, batch 1, rank-4 LoRA, fp32 on the CPU, no logging extras."""
+    return {
+        "method": "lcm",
+        "output_dir": str(out_dir),
+        "model": {"teacher": None, "preset": "tiny", "init": "default", "init_seed": 0},
+        "data": {"json_paths": [str(data_json)], "image_size": 64, "max_lines": 1, "seed": 0,
+                 "font_hint_prob": 0.8, "mask_img_prob": 0.5},
+        "lora": {"rank": 4, "alpha": 4, "targets": "lcm"},
+        "distill": {"guidance_scale_range": [7.0, 8.0]},
+        "optim": {"learning_rate": 1e-3, "lr_scheduler": "constant", "lr_warmup_steps": 0},
+        "train": {"max_steps": 4, "batch_size": 1, "gradient_accumulation_steps": 1, "num_workers": 0, "seed": 0},
+        "checkpoint": {"every_n_steps": 0, "keep_last": 3, "resume": None},
+        "validation": {"every_n_steps": 0, "image_size": 64},
+        "logging": {"tensorboard": False, "progress_bar": False},
+    }
+
+
+def make_config(data_json: Path, out_dir: Path, *overrides: str):
+    from anytext2_lcm.distill.config import load_config
+
+    return load_config(None, list(overrides), base=base_config(data_json, out_dir))
+
+
+def write_yaml(cfg_dict: dict, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg_dict))
+    return path
+
+
+def cli_env(threads: int | None = None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "anytext2_lcm.cli", *args]
+
+
+def start_cli(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start ``anytext2-lcm ARGS`` in the background, stdout+stderr to ``log``."""
+    f = open(log, "ab")
+    return subprocess.Popen(cli_command(*args), stdout=f, stderr=subprocess.STDOUT, env=env or cli_env(),
+                            cwd=str(REPO))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_rank(rank: int, world: int, port: int, args: list[str], log: Path) -> subprocess.Popen:
+    """One rank of a CPU process group, started as torchrun would (the env:// rendezvous Accelerate reads)."""
+    env = cli_env(threads=1)
+    env.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "ACCELERATE_USE_CPU": "1"})
+    return start_cli(*args, log=log, env=env)
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    f = Path(out_dir) / "metrics.jsonl"
+    if not f.exists():
+        return []
+    return [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
+
+
+def losses(out_dir: Path) -> list[tuple[int, float]]:
+    return [(m["step"], m["loss"]) for m in metrics(out_dir)]
+
+
+def wait_for(cond, timeout: float, proc: subprocess.Popen | None = None, what: str = "condition") -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before {what}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    root = Path(out_dir) / "checkpoints"
+    return sorted(p for p in root.iterdir()) if root.is_dir() else []
+
+
+def trainable(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(ckpt) / "trainable.safetensors"))
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
