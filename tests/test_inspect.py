@@ -11,7 +11,7 @@ import torch
 
 from anytext2_lcm import lora as L
 from anytext2_lcm.cli import main
-from anytext2_lcm.config import sd15, tiny
+from anytext2_lcm.config import ConfigError, sd15, tiny
 from anytext2_lcm.models.anytext2 import AnyText2
 from conftest import reference_dir
 
@@ -124,9 +124,9 @@ def test_explicit_lists_and_regex_follow_peft_rules(sd15_table):
     one = "control_model.zero_convs.3.0"
     assert L.resolve_targets(sd15_table, [one]) == [one]
     assert len(L.resolve_targets(sd15_table, r"re:model\.diffusion_model\..*\.attn2x\.to_(k|v)")) == 14
-    with pytest.raises(L.ConfigError, match="matches no"):
+    with pytest.raises(ConfigError, match="matches no"):
         L.resolve_targets(sd15_table, ["to_qq"])
-    with pytest.raises(L.ConfigError, match="unknown target preset"):
+    with pytest.raises(ConfigError, match="unknown target preset"):
         L.resolve_targets(sd15_table, "lcm+nope")
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from anytext2_lcm import lora as L
 from anytext2_lcm.checkpoint import CheckpointError, load_model, load_original, save_converted
 from anytext2_lcm.cli import main
-from anytext2_lcm.config import tiny
+from anytext2_lcm.config import ConfigError, tiny
 from anytext2_lcm.models.anytext2 import AnyText2
 from anytext2_lcm.parity import fixture_text_info
 from conftest import assert_close_ref
@@ -351,11 +351,11 @@ def test_load_errors_are_clear_and_leave_the_model_untouched(trained, base_sd, t
 
 
 def test_spec_validation():
-    with pytest.raises(L.ConfigError, match="lora.rank"):
+    with pytest.raises(ConfigError, match="lora.rank"):
         L.LoraSpec(rank=0)
-    with pytest.raises(L.ConfigError, match="lora.dropout"):
+    with pytest.raises(ConfigError, match="lora.dropout"):
         L.LoraSpec(dropout=1.0)
-    with pytest.raises(L.ConfigError, match="unknown target preset"):
+    with pytest.raises(ConfigError, match="unknown target preset"):
         L.LoraSpec(targets="lcm+everything")
     assert L.LoraSpec().to_dict()["rank"] == 64 and L.LoraSpec().alpha == 64.0 and L.LoraSpec().dropout == 0.0
 

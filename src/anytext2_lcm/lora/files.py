@@ -1,0 +1,358 @@
+"""Adapter files: PEFT folders, single safetensors files, loading with checks, the merged original-layout export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections import Counter, OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..checkpoint import CheckpointError, safe_torch_load, to_original
+from ..config import ConfigError
+from .adapters import _freeze_to_lora, _is_meta, adapter_names, lora_layers, set_lora_scale
+from .inventory import ModuleInfo, _base_of, module_table
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FORMAT = "anytext2-lcm/lora"
+PEFT_PREFIX = "base_model.model."
+"""Key prefix of ``PeftModel.save_pretrained`` folders (the model sits at ``PeftModel.base_model.model``)."""
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Files
+# ---------------------------------------------------------------------------------------------------------------
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>[A-Za-z0-9_\-]+))?\.weight$")
+_KOHYA_KEY = re.compile(r"^(?P<module>lora_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> "OrderedDict[str, torch.Tensor]":
+    """PEFT's own adapter state dict (``get_peft_model_state_dict``): root-relative keys
+    ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``, adapter name removed."""
+    from peft import get_peft_model_state_dict
+
+    if adapter_name not in adapter_names(model):
+        raise RuntimeError(f"the model has no LoRA adapter {adapter_name!r} (has {adapter_names(model)})")
+    sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    return OrderedDict((k, v.detach()) for k, v in sd.items())
+
+
+def _config_json(config) -> dict:
+    d = config.to_dict()
+    for k, v in d.items():
+        if isinstance(v, set):
+            d[k] = sorted(v)
+    return json.loads(json.dumps(d, default=str))
+
+
+def _atomic_dir(out: Path) -> Path:
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(out.name + f".old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save_lora(model: nn.Module, path: str | Path, adapter_name: str = "default", scale: float = 1.0,
+              metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Save the adapter: a PEFT folder, or one file when ``path`` ends in ``.safetensors``.
+
+    Folder: ``adapter_model.safetensors`` (keys ``base_model.model.<module>.lora_A.weight`` as
+    ``PeftModel.save_pretrained`` writes) + ``adapter_config.json``. File: root-relative keys, and the metadata
+    holds ``format``, the ``peft_config`` JSON and ``metadata``. ``scale`` ≠ 1 is baked into lora_B (ΔW is
+    linear in B); ``dtype`` casts the weights. Writes are atomic (temporary name, then rename).
+    A strength set with ``set_lora_scale`` is not part of the adapter (as in PEFT): pass it as ``scale``.
+    """
+    path = Path(path)
+    sd = lora_state_dict(model, adapter_name)
+    if scale != 1.0:
+        sd = OrderedDict((k, v * scale if ".lora_B." in k else v) for k, v in sd.items())
+    if dtype is not None:
+        sd = OrderedDict((k, v.to(dtype)) for k, v in sd.items())
+    config = model.peft_config[adapter_name]
+    if path.suffix == ".safetensors":
+        meta = {"format": ADAPTER_FORMAT, "version": "1", "peft_config": json.dumps(_config_json(config))}
+        meta.update(metadata or {})
+        _save_safetensors(sd, path, meta)
+        return path
+    tmp = _atomic_dir(path)
+    _save_safetensors({PEFT_PREFIX + k: v for k, v in sd.items()}, tmp / ADAPTER_WEIGHTS[0], {"format": "pt"})
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(_config_json(config), indent=2, sort_keys=True))
+    _commit_dir(tmp, path)
+    return path
+
+
+def _read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(tensors, LoraConfig dict or None) from a PEFT folder, a safetensors file or a torch file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise FileNotFoundError(f"LoRA adapter {path} does not exist")
+    config = None
+    if path.is_dir():
+        cfg_file = path / ADAPTER_CONFIG
+        if not cfg_file.is_file():
+            raise CheckpointError(f"{path}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+        try:
+            config = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_file}: corrupt ({e})") from None
+        weights = next((path / w for w in ADAPTER_WEIGHTS if (path / w).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{path}: no {' or '.join(ADAPTER_WEIGHTS)}")
+        path = weights
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            sd = load_file(str(path))
+        except Exception as e:  # safetensors raises its own types for bad headers / truncation
+            raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+        if config is None and "peft_config" in meta:
+            try:
+                config = json.loads(meta["peft_config"])
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{path}: corrupt peft_config metadata ({e})") from None
+    else:
+        # .bin / .pt / .pth: weights_only unpickling; a file that needs arbitrary code is refused, not run.
+        obj = safe_torch_load(path)
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+        sd = obj
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} entries are not tensors, e.g. {bad[:3]}")
+    return sd, config
+
+
+def _expected_shapes(m: ModuleInfo, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if m.kernel is None:
+        return (r, m.in_features), (m.out_features, r)
+    return (r, m.in_features, *m.kernel), (m.out_features, r, 1, 1)
+
+
+def _group_peft_keys(sd: dict[str, torch.Tensor], source: str) -> "OrderedDict[str, dict[str, torch.Tensor]]":
+    """module → {"A": tensor, "B": tensor} from PEFT keys (with or without the PeftModel prefix / adapter name)."""
+    groups: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+    other = []
+    for k, v in sd.items():
+        key = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k
+        m = _LORA_KEY.match(key)
+        if not m:
+            other.append(k)
+            continue
+        groups.setdefault(m.group("module"), {})[m.group("ab")] = v
+    if other:
+        raise CheckpointError(f"{source}: {len(other)} keys are not plain LoRA A/B weights (DoRA, biases or another "
+                              f"format are not supported), e.g. {other[:3]}")
+    incomplete = [n for n, g in groups.items() if set(g) != {"A", "B"}]
+    if incomplete:
+        raise CheckpointError(f"{source}: lora_A or lora_B missing for {len(incomplete)} modules, "
+                              f"e.g. {incomplete[:3]}")
+    return groups
+
+
+def load_lora(model: nn.Module, path: str | Path, adapter_name: str = "default",
+              scale: float | None = None, trainable: bool = False):
+    """Load an adapter into ``model`` (injecting the PEFT layers it needs); returns its ``LoraConfig``.
+
+    Accepts a PEFT folder, a ``.safetensors`` file (ours, with the config in its metadata; or bare PEFT keys, then
+    r comes from the shapes and alpha = r), a kohya-style ``.safetensors`` (``lora_down``/``lora_up``/``alpha``),
+    or a ``.bin``/``.pt`` read with ``weights_only=True``. The adapter is frozen after loading (inference) unless
+    ``trainable``, which, as ``apply_lora``, leaves only this adapter's weights trainable.
+
+    Raises:
+        CheckpointError: unsafe or unreadable file; the adapter targets modules the model lacks; a rank or shape
+            that does not fit the model or the adapter's own config.
+    """
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    path = Path(path)
+    source = str(path)
+    if adapter_name in adapter_names(model):
+        raise CheckpointError(f"{source}: the model already has an adapter named {adapter_name!r}")
+    raw, config_dict = _read_adapter(path)
+    table = module_table(model)
+    by_name = {m.name: m for m in table}
+    if any(_KOHYA_KEY.match(k) for k in raw):
+        groups, alphas = _kohya_loader()(raw, model, table, source)
+    else:
+        groups, alphas = _group_peft_keys(raw, source), {}
+    if not groups:
+        raise CheckpointError(f"{source}: holds no LoRA weights")
+
+    missing = [n for n in groups if n not in by_name]
+    if missing:
+        raise CheckpointError(
+            f"{source}: the adapter targets {len(missing)} modules this model lacks, e.g. {missing[:3]} "
+            f"(an adapter for another architecture or preset?)")
+
+    ranks = {n: int(g["A"].shape[0]) for n, g in groups.items()}
+    if config_dict is not None:
+        if str(config_dict.get("peft_type", "LORA")).upper() != "LORA":
+            raise CheckpointError(f"{source}: a {config_dict.get('peft_type')} adapter, not LoRA")
+        config = LoraConfig.from_peft_type(**{k: v for k, v in config_dict.items() if k != "peft_type"})
+        if config.use_dora:
+            raise CheckpointError(f"{source}: DoRA adapters are not supported")
+    else:
+        r0 = Counter(ranks.values()).most_common(1)[0][0]
+        alpha0 = Counter(alphas.values()).most_common(1)[0][0] if alphas else float(r0)
+        if not alphas:
+            log.warning("%s: no adapter config; using r=%d from the weights and alpha=r (scale 1)", source, r0)
+        config = LoraConfig(r=r0, lora_alpha=alpha0,
+                            rank_pattern={n: r for n, r in ranks.items() if r != r0},
+                            alpha_pattern={n: a for n, a in alphas.items() if a != alpha0})
+    # Shapes against both the model and the config's rank (rank_pattern included).
+    errors = []
+    for n, g in groups.items():
+        r = _pattern_value(config.rank_pattern, n, config.r)
+        want_a, want_b = _expected_shapes(by_name[n], r)
+        got_a, got_b = tuple(g["A"].shape), tuple(g["B"].shape)
+        if (got_a, got_b) != (want_a, want_b):
+            errors.append(f"{n} ({by_name[n].type} {by_name[n].in_features}->{by_name[n].out_features}): lora_A "
+                          f"{got_a} / lora_B {got_b}, expected {want_a} / {want_b} for rank {r}")
+    if errors:
+        raise CheckpointError(f"{source}: {len(errors)} LoRA weights do not fit the model or the adapter's rank: "
+                              + "; ".join(errors[:4]) + (" ..." if len(errors) > 4 else ""))
+
+    # Inject exactly the modules the weights name (a config's suffix list could match more).
+    config.target_modules = list(groups)
+    config.exclude_modules = None
+    config.inference_mode = True
+    meta = _is_meta(model)
+    inject_adapter_in_model(config, model, adapter_name=adapter_name, low_cpu_mem_usage=meta)
+    layers = lora_layers(model)
+    if meta:
+        # A model on the meta device (format conversion without the base weights): PEFT would move loaded
+        # adapter weights to the base layer's device, i.e. back to meta, so the real tensors are set directly.
+        for n, g in groups.items():
+            layers[n].lora_A[adapter_name].weight = nn.Parameter(g["A"].float(), requires_grad=False)
+            layers[n].lora_B[adapter_name].weight = nn.Parameter(g["B"].float(), requires_grad=False)
+    else:
+        state = {}
+        for n, g in groups.items():
+            base = _base_of(layers[n]).weight
+            # PEFT keeps adapters in fp32 under an fp16/bf16 base (autocast_adapter_dtype); else the base dtype.
+            dtype = torch.float32 if base.dtype in (torch.float16, torch.bfloat16) else base.dtype
+            state[f"{n}.lora_A.weight"] = g["A"].to(device=base.device, dtype=dtype)
+            state[f"{n}.lora_B.weight"] = g["B"].to(device=base.device, dtype=dtype)
+        result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        not_loaded = [k for k in (getattr(result, "missing_keys", []) or [])
+                      if "lora_" in k and f".{adapter_name}." in k]
+        if unexpected or not_loaded:
+            raise CheckpointError(f"{source}: PEFT did not take every weight (unexpected {unexpected[:3]}, "
+                                  f"not loaded {not_loaded[:3]})")
+    if trainable:
+        _freeze_to_lora(model, adapter_name)
+    else:
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(False)
+    if scale is not None:
+        set_lora_scale(model, scale, adapter_name)
+    log.info("loaded LoRA %s: %d modules, r=%d, alpha=%g", source, len(groups), config.r, config.lora_alpha)
+    return config
+
+
+def _pattern_value(pattern: dict | None, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: an exact key, else a key the name ends with."""
+    if not pattern:
+        return default
+    if name in pattern:
+        return pattern[name]
+    for k, v in pattern.items():
+        if re.match(rf"(.*\.)?({k})$", name):
+            return v
+    return default
+
+
+def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> "OrderedDict[str, torch.Tensor]":
+    """The model's native-layout state dict with the active LoRA folded into each base weight and no PEFT keys.
+
+    Does not modify the model: merged layers already hold W + ΔW; for unmerged layers ΔW (PEFT
+    ``get_delta_weight``, current scale included) is added to a copy. Disabled adapters contribute nothing.
+    ``dtype`` casts floating tensors (integer buffers keep their type).
+    """
+    deltas: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(model).items():
+        if layer.merged or layer.disable_adapters:
+            continue
+        delta = None
+        for a in layer.active_adapters:
+            if a in layer.lora_A:
+                d = layer.get_delta_weight(a)
+                delta = d if delta is None else delta + d
+        if delta is not None:
+            deltas[f"{name}.weight"] = delta
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for k, v in model.state_dict().items():
+        if ".lora_" in k:
+            continue
+        k = k.replace(".base_layer.", ".")
+        v = v.detach()
+        if k in deltas:
+            v = v + deltas[k].to(v.dtype)
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def export_merged(model: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the full model with the LoRA merged, in the ORIGINAL key layout, in the original order.
+
+    ``.safetensors``: a flat file; ``.ckpt`` / ``.pt`` / ``.pth``: ``torch.save({"state_dict": ...})`` (plain
+    tensors only, so it loads with ``weights_only=True``). Both load with ``checkpoint.load_model(path)`` and
+    with AnyText2's own ``load_state_dict``. Atomic write.
+    """
+    path = Path(path)
+    if path.suffix not in (".safetensors", ".ckpt", ".pt", ".pth"):
+        raise ConfigError(f"export path {path}: use .safetensors or .ckpt")
+    sd = to_original(merged_state_dict(model, dtype), model.cfg)
+    sd = OrderedDict((k, v.contiguous().cpu()) for k, v in sd.items())
+    if path.suffix == ".safetensors":
+        _save_safetensors(sd, path, {"format": "pt", "layout": "anytext2-original", "model": str(model.cfg.name)})
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        torch.save({"state_dict": sd}, tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def _kohya_loader():
+    from .kohya import _from_kohya  # imported late: kohya.py builds on this module
+
+    return _from_kohya
