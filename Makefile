@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: test demo setup fonts clean
+.PHONY: test demo setup fonts browser clean
 
 # Everything `make test` needs, from a machine that only has Python.
 setup: $(STAMP)
@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@# PP-OCR models inside a wheel, for OCR evaluation; --no-deps because it declares opencv-python.
 	$(PIP) install -q --no-deps rapidocr-onnxruntime==1.4.4
 	@$(MAKE) --no-print-directory fonts
+	@$(MAKE) --no-print-directory browser
 	touch $(STAMP)
 
 # A CJK-capable font for glyph rendering (Noto Sans CJK or WenQuanYi), installed from the OS where missing.
@@ -33,6 +34,17 @@ fonts:
 	  (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-cjk fonts-wqy-microhei >/dev/null) \
 	  && echo "CJK font: installed" || echo "CJK font: install failed; pass --font FILE or install fonts-noto-cjk"; \
 	else echo "CJK font: not found; install Noto Sans CJK or WenQuanYi, or pass --font FILE"; fi
+
+# Headless Chromium + its matching chromedriver (the OS packages) for the UI's browser test; nothing downloads a browser.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then echo "chromium: present"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	  && echo "chromium: installed" || echo "chromium: install failed; the browser test will skip (apt-get install chromium chromium-driver)"; \
+	elif command -v apt-get >/dev/null && command -v sudo >/dev/null; then \
+	  (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	  && echo "chromium: installed" || echo "chromium: install failed; the browser test will skip (apt-get install chromium chromium-driver)"; \
+	else echo "chromium: not found; the browser test will skip (install the OS packages chromium and chromium-driver)"; fi
 
 test: setup
 	$(PY) -m pytest -q
