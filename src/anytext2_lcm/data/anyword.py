@@ -448,8 +448,9 @@ class AnyWordDataset:
                 raise SampleError("empty_text", f"line {j}: text {line.text!r}")
             if not any(f.covers(text) for f in self._candidates(line.language)):
                 missing = self._candidates(line.language)[0].missing_chars(text)
-                raise SampleError("unrenderable_text", f"line {j} ({line.language}): {text!r} has characters "
-                                                       f"{''.join(missing)!r} that no available font renders")
+                chars = ", ".join(f"U+{ord(c):04X} {c!r}" for c in missing)
+                raise SampleError("unrenderable_text", f"line {j} ({line.language}): {text!r} has characters no "
+                                                       f"available font renders: {chars}")
             scaled.append(ps)
         return scaled
 

@@ -36,7 +36,6 @@ import math
 import random
 from collections import Counter
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, get_worker_info
@@ -158,7 +157,8 @@ def worker_init(worker_id: int) -> None:
     that does is reproducible too.
     """
     clear_font_cache()
-    cv2.setNumThreads(1)  # OpenCV's own thread pool would oversubscribe the cores the workers share
+    # torch re-creates its pool safely after fork. OpenCV's cv2.setNumThreads() must NOT be called here: in a forked
+    # child of a process that already used OpenCV's thread pool it waits forever for threads that were not copied.
     torch.set_num_threads(1)
     info = get_worker_info()
     seed = (info.seed if info is not None else worker_id) % 2**32

@@ -82,7 +82,7 @@ class SynthConfig:
     chinese_prob: float = 0.4
     """Probability that a line is Chinese (else Latin)."""
     vertical_prob: float = 0.15
-    """Probability that a line is laid out vertically."""
+    """Probability that a line of at most 8 characters is laid out vertically (top to bottom)."""
     invalid_prob: float = 0.1
     """Probability that an image also gets a faint word recorded as valid: false."""
     no_color_prob: float = 0.1

@@ -77,18 +77,21 @@ class _RowResult:
     languages: list[str]
     missing: list[str]
     long_texts: int
+    parsed: bool = True
+    """False for a row rejected at load (its lines are unknown)."""
 
 
 def inspect_row(ds: AnyWordDataset, index: int, full: bool = False) -> _RowResult:
     """The reader's verdict on one row plus the statistics the report needs."""
     row = ds.rows[index]
     if isinstance(row, BadRow):
-        return _RowResult(SkipRecord(index, row.reason, row.detail, row.source), None, 0, 0, [], [], 0)
+        return _RowResult(SkipRecord(index, row.reason, row.detail, row.source), None, 0, 0, [], [], 0, False)
     missing: list[str] = []
     for line in row.lines:
         cands = ds._candidates(line.language)
         if not any(f.covers(line.text) for f in cands):
-            missing += cands[0].missing_chars(line.text)
+            absent = set(cands[0].missing_chars(line.text))
+            missing += [c for c in line.text if c in absent]  # every occurrence
     result = _RowResult(None, None, len(row.lines), len(row.invalid_polygons), [ln.language for ln in row.lines],
                         missing, sum(len(ln.text) > ds.cfg.max_chars for ln in row.lines))
     try:
@@ -149,7 +152,8 @@ def validate_files(paths: list[str], cfg: DataConfig | None = None, fonts: FontL
             rep.samples += 1
             if r.size is not None:
                 rep.image_sizes[r.size] += 1
-            rep.lines_per_sample[r.n_lines] += 1
+            if r.parsed:
+                rep.lines_per_sample[r.n_lines] += 1
             rep.invalid_lines += r.n_invalid
             rep.long_texts += r.long_texts
             rep.languages.update(r.languages)
@@ -181,9 +185,10 @@ def format_report(rep: Report) -> str:
                f"  dropped at load for wm_score: {rep.filtered_watermark}")
     total_lines = sum(k * v for k, v in rep.lines_per_sample.items())
     if rep.samples:
+        parsed = sum(rep.lines_per_sample.values())
         hist = "  ".join(f"{k}: {v}" for k, v in sorted(rep.lines_per_sample.items()))
-        out.append(f"lines per sample (valid lines): {hist}  | total {total_lines}, mean "
-                   f"{total_lines / rep.samples:.2f}, max {max(rep.lines_per_sample)}")
+        out.append(f"lines per sample (valid lines, {parsed} readable rows): {hist}  | total {total_lines}, mean "
+                   f"{total_lines / max(parsed, 1):.2f}, max {max(rep.lines_per_sample, default=0)}")
         out.append(f"invalid (loss-masked) lines: {rep.invalid_lines}; lines longer than max_chars={rep.max_chars} "
                    f"(cut): {rep.long_texts}")
     if rep.languages:
