@@ -310,6 +310,24 @@ def test_batch_has_the_documented_names_shapes_dtypes_and_ranges(synth):
     assert info.max_lines == L and len(info.lines()) == int(b["n_lines"].sum())
 
 
+def test_compact_batches_expand_to_exactly_the_float_batch(synth):
+    from anytext2_lcm.data.collate import expand_batch
+
+    ds = AnyWordDataset(cfg(synth, mask_img_prob=0.5))
+    items = [ds[i] for i in range(3)]
+    full = AnyWordCollate.for_dataset(ds)(items)
+    compact = AnyWordCollate.for_dataset(ds, compact=True)(items)
+    assert compact["glyphs"].dtype == torch.uint8 and "masked_img" not in compact
+    assert compact["glyphs"].nbytes * 4 == full["glyphs"].nbytes
+    expanded = expand_batch(compact, device="cpu")
+    assert set(expanded) == set(full)
+    for k, v in full.items():
+        if torch.is_tensor(v):
+            assert expanded[k].dtype == v.dtype and torch.equal(expanded[k], v), k
+        else:
+            assert expanded[k] == v, k
+
+
 def test_batch_of_only_skips_is_empty_but_well_formed():
     b = AnyWordCollate(S, 5)([SkipRecord(0, "empty_text", "x"), SkipRecord(1, "empty_text", "y")])
     assert b["glyphs"].shape == (0, 5, 3, S, S) and b["n_lines"].shape == (0,)
