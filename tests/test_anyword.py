@@ -387,3 +387,25 @@ def test_no_file_handles_leak(synth):
         for i in range(len(ds)):
             assert isinstance(ds[(e, i)], dict)
     assert len(os.listdir(fd_dir)) == before
+
+
+def test_a_loader_batch_runs_through_the_tiny_teacher(tmp_path):
+    """End to end on the real model code: masked_x, line embeddings, prompts with placeholders, WriteNet, UNet."""
+    from anytext2_lcm.config import preset
+    from anytext2_lcm.data.synthetic import SynthConfig, write_dataset
+    from anytext2_lcm.models.anytext2 import AnyText2
+
+    (path,) = write_dataset(SynthConfig(num=3, size=128, seed=0), tmp_path)
+    ds = AnyWordDataset(DataConfig(json_paths=(str(path),), image_size=128, mask_img_prob=0.5))
+    batch = next(iter(make_dataloader(ds, 3, num_workers=0)))
+    torch.manual_seed(0)
+    model = AnyText2(preset("tiny")).eval()
+    with torch.no_grad():
+        masked_x = model.encode_masked(batch["masked_img"])
+        info = TextInfo.from_batch(batch, masked_x)
+        lines = model.line_embeddings(info)
+        cond = model.encode_conditions(batch["img_caption"], batch["text_caption"], lines)
+        control = model.control(cond.text_context, info)
+        eps = model.denoise(torch.randn_like(masked_x), torch.tensor([1, 500, 999]), cond.image_context, control)
+    assert [len(x) for x in lines] == batch["n_lines"].tolist()
+    assert eps.shape == masked_x.shape == (3, 4, 16, 16) and torch.isfinite(eps).all()

@@ -143,7 +143,8 @@ def test_color_lands_in_the_glyph_image(font):
 
 
 @pytest.mark.parametrize("color,expected", [((500, 500, 500), (1.0, 1.0, 1.0)), ((0, 0, 0), (10 / 255,) * 3),
-                                            ((-1, -1, -1), (1.0, 1.0, 1.0)), ((300, 5, 128), (1.0, 10 / 255, 128 / 255))])
+                                            ((-1, -1, -1), (1.0, 1.0, 1.0)),
+                                            ((300, 5, 128), (1.0, 10 / 255, 128 / 255))])
 def test_color_clipping_as_the_original(font, color, expected):
     img = G.render_in_polygon("Clip", rect(256, 256, 200, 60, 0), font, color)
     np.testing.assert_allclose(img.reshape(-1, 3).max(0), expected, atol=1e-6)
