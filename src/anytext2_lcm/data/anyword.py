@@ -136,8 +136,8 @@ class DataConfig:
         for name in ("mask_img_prob", "mask_pos_prob", "font_hint_prob", "color_prob", "max_skip_rate"):
             v = getattr(self, name)
             _check(isinstance(v, (int, float)) and 0.0 <= v <= 1.0, name, v, "must lie in [0, 1]")
-        lo, hi = (self.font_hint_area + (None, None))[:2] if len(self.font_hint_area) == 2 else (None, None)
-        _check(lo is not None and 0.0 <= lo <= hi <= 1.0, "font_hint_area", self.font_hint_area,
+        area = self.font_hint_area
+        _check(len(area) == 2 and 0.0 <= area[0] <= area[1] <= 1.0, "font_hint_area", area,
                "must be [low, high] with 0 <= low <= high <= 1")
         _check(isinstance(self.trunc_cap, int) and self.trunc_cap >= 0, "trunc_cap", self.trunc_cap, "must be >= 0")
         _check(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "must be an integer >= 0")
@@ -446,15 +446,16 @@ class AnyWordDataset:
             text = line.text[:cfg.max_chars]
             if not text.strip():
                 raise SampleError("empty_text", f"line {j}: text {line.text!r}")
-            if not any(f.covers(text) for f in self._candidates(line.language)):
-                missing = self._candidates(line.language)[0].missing_chars(text)
+            if not any(f.covers(text) for f in self.font_candidates(line.language)):
+                missing = self.font_candidates(line.language)[0].missing_chars(text)
                 chars = ", ".join(f"U+{ord(c):04X} {c!r}" for c in missing)
                 raise SampleError("unrenderable_text", f"line {j} ({line.language}): {text!r} has characters no "
                                                        f"available font renders: {chars}")
             scaled.append(ps)
         return scaled
 
-    def _candidates(self, language: str) -> list[FontSpec]:
+    def font_candidates(self, language: str) -> list[FontSpec]:
+        """The fonts a line of ``language`` may be drawn in (all of its language with rand_font, else the default)."""
         return self.fonts.candidates(language) if self.cfg.rand_font else [self.fonts.default]
 
     # ---- the original's per-item processing ------------------------------------------------------------------

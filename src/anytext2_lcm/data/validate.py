@@ -88,7 +88,7 @@ def inspect_row(ds: AnyWordDataset, index: int, full: bool = False) -> _RowResul
         return _RowResult(SkipRecord(index, row.reason, row.detail, row.source), None, 0, 0, [], [], 0, False)
     missing: list[str] = []
     for line in row.lines:
-        cands = ds._candidates(line.language)
+        cands = ds.font_candidates(line.language)
         if not any(f.covers(line.text) for f in cands):
             absent = set(cands[0].missing_chars(line.text))
             missing += [c for c in line.text if c in absent]  # every occurrence
