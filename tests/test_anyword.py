@@ -409,3 +409,35 @@ def test_a_loader_batch_runs_through_the_tiny_teacher(tmp_path):
         eps = model.denoise(torch.randn_like(masked_x), torch.tensor([1, 500, 999]), cond.image_context, control)
     assert [len(x) for x in lines] == batch["n_lines"].tolist()
     assert eps.shape == masked_x.shape == (3, 4, 16, 16) and torch.isfinite(eps).all()
+
+
+class _FdReportingDataset(AnyWordDataset):
+    """Reports, with each sample, the worker that made it and how many files that process has open."""
+
+    def __getitem__(self, key):
+        from torch.utils.data import get_worker_info
+
+        x = super().__getitem__(key)
+        assert isinstance(x, dict), x
+        return get_worker_info().id, len(os.listdir("/dev/fd"))
+
+
+def test_workers_open_fonts_once_and_leak_no_file_handles(synth):
+    from torch.utils.data import DataLoader
+
+    from anytext2_lcm.data.collate import worker_init
+
+    ds = _FdReportingDataset(cfg(synth))
+    sampler = EpochSampler(len(ds), shuffle=True)
+    loader = DataLoader(ds, batch_size=2, sampler=sampler, num_workers=2, worker_init_fn=worker_init,
+                        persistent_workers=True, collate_fn=lambda items: items)
+    per_epoch = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        counts: dict[int, int] = {}
+        for items in loader:
+            for worker, n in items:
+                counts[worker] = max(counts.get(worker, 0), n)
+        per_epoch.append(counts)
+    assert set(per_epoch[0]) == {0, 1}
+    assert per_epoch[-1] == per_epoch[1]  # after the first epoch (fonts loaded) the open-file count stays put

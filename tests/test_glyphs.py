@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import cv2
 import numpy as np
@@ -401,3 +402,48 @@ def test_font_library_per_language_folder(font, latin_only_font, tmp_path):
                                          % (latin_only_font.path, font.path, font.index))
     lib2 = FontLibrary.from_dir(manifest, default=font)
     assert lib2.candidates("Chinese") == [font]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training-time augmentations (augment.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_position_morphology_frequencies_and_small_polygons():
+    from anytext2_lcm.data.augment import random_position_mask
+
+    big = rect(256, 256, 200, 60, 15)
+    base = G.polygon_mask_u8(big, 512, 512).sum()
+    rng = np.random.default_rng(0)
+    kinds = Counter()
+    for _ in range(2000):
+        area = random_position_mask(big, 512, 512, rng).sum()
+        kinds["same" if area == base else ("grown" if area > base else "shrunk")] += 1
+    assert kinds["same"] / 2000 == pytest.approx(0.70, abs=0.04)
+    assert kinds["grown"] / 2000 == pytest.approx(0.15, abs=0.03)  # dilate once 10 % + twice 5 %
+    assert kinds["shrunk"] / 2000 == pytest.approx(0.15, abs=0.03)
+    small = rect(100, 100, 120, 12, 0)  # a side < 20 px: never eroded (the original's elif chain)
+    sbase = G.polygon_mask_u8(small, 512, 512).sum()
+    assert all(random_position_mask(small, 512, 512, rng).sum() >= sbase for _ in range(300))
+    assert random_position_mask(big, 512, 512, rng, prob=0.0).sum() == 0
+
+
+def test_training_font_hint_follows_the_strokes_inside_the_polygon(font):
+    from anytext2_lcm.data.augment import training_font_hint
+
+    poly = rect(256, 200, 360, 80, 0)
+    ink = G.render_in_polygon("Strokes 字形", poly, font, (255, 255, 255)).sum(-1) > 0
+    image = np.full((512, 512, 3), 235, np.uint8)
+    image[ink] = 20  # dark text on a light background
+    rng = np.random.default_rng(3)
+    hint = training_font_hint(image, poly, rng, prob=1.0, area_range=(1.0, 1.0), randaug=False)
+    assert hint.dtype == np.uint8 and set(np.unique(hint)) == {0, 1}
+    inside = G.polygon_mask_u8(poly, 512, 512).astype(bool)
+    assert not hint[~inside].any()
+    overlap = (hint.astype(bool) & ink).sum() / ink.sum()
+    assert overlap > 0.8  # the dark strokes are what the hint shows
+    half = training_font_hint(image, poly, rng, prob=1.0, area_range=(0.5, 0.5), randaug=False)
+    assert 0.35 < half.sum() / hint.sum() < 0.65  # a strip of half the long side is removed
+    assert not training_font_hint(image, poly, rng, prob=0.0).any()
+    aug = training_font_hint(image, poly, np.random.default_rng(4), prob=1.0, randaug=True)
+    assert aug.any() and not aug[~inside].any()
