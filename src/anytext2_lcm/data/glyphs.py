@@ -18,16 +18,18 @@ deterministic; the randomised training-time variants (position morphology, font 
 Written for Pillow >= 10 and OpenCV >= 4.5 (the original used Pillow < 10's ``getsize``/``getoffset`` and an OpenCV
 angle convention that newer versions changed): the rotation angle is computed from the rectangle's corner points,
 independent of OpenCV's angle convention, as the counter-clockwise on-screen angle of the long side in (-90, 90].
-Pixel-level behaviour of the original is kept where it is cheap (nearest-neighbour rotation, the half-pixel offset
-of its expand-and-paste, colour blending rounded as Pillow's ``paste``); the work is done on a tile around the text
-instead of the whole canvas, which is what makes it fast.
+The result equals, pixel for pixel, the original's steps run on a whole canvas with the same Pillow (nearest-
+neighbour rotation with Pillow's fixed-point sampling, the half-pixel offset of its expand-and-paste, colour blended
+as Pillow's ``paste`` rounds; ``tests/test_glyphs.py`` checks this on random polygons). It is about 3x faster: the
+text is drawn and rotated on a tile around it instead of the whole canvas, and the spacing loop predicts its answer
+and confirms it with two measurements instead of trying 1, 2, ... 99 spaces.
 """
 
 from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -462,9 +464,3 @@ def positions_from_mask(mask_image: np.ndarray, sort: str = "vertical", min_area
             out.append(poly)
     return out
 
-
-def union(masks: Sequence[np.ndarray], height: int, width: int) -> np.ndarray:
-    """Sum of masks clipped to [0, 1] (the original ``get_hint``); zeros when empty. Same dtype as the inputs."""
-    if len(masks) == 0:
-        return np.zeros((height, width), dtype=np.uint8)
-    return np.clip(np.sum(np.stack(masks), axis=0), 0, 1).astype(masks[0].dtype)
