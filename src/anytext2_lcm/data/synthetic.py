@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .fonts import FontLibrary, FontSpec, coverage, system_font_files
+from .fonts import FontLibrary, FontSpec, system_font_files
 from .glyphs import render_alpha_tile
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,8 @@ def synth_fonts(font_dir: str | None = None) -> SynthFonts:
 
 def _safe_covers(spec: FontSpec, text: str) -> bool:
     try:
-        return coverage(spec) is not None and spec.covers(text)
-    except OSError:
+        return spec.covers(text)
+    except OSError:  # an unreadable font file is simply not used
         return False
 
 
