@@ -1,0 +1,97 @@
+"""``anytext2-lcm ui``: the web UI (Gradio) on localhost, on the tiny built-in model by default."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ui", help="web UI: draw positions, type quoted lines, pick fonts/colours; teacher vs student",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Starts a Gradio app and prints its URL. Generation and editing with the teacher, the teacher + "
+                    "student LoRA (the adapter bypassed for the teacher, one network in memory) or the merged "
+                    "student; a compare view puts the teacher's 20-step DDIM beside the student at 1/2/4/8 steps. "
+                    "Needs the 'ui' extra (pip install 'anytext2-lcm[ui]').")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny",
+                   help="'tiny' (built-in, no download), 'sd15' (random weights), a converted folder or an official "
+                        "checkpoint")
+    g.add_argument("--config", help="original model yaml for a checkpoint file")
+    g.add_argument("--trust-pickle", action="store_true", help="allow a full unpickle of a .ckpt (trusted files only)")
+    g.add_argument("--lora", help="student LoRA adapter (PEFT folder or .safetensors); enables the student choices")
+    g.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (None: cuda if available)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="precision (auto: fp16 on GPU, fp32 on CPU)")
+    g.add_argument("--font", dest="glyph_font", help="glyph font file (default: a CJK-capable system font)")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=7860, help="port (0: any free port)")
+    s.add_argument("--size", type=int, default=None,
+                   help="initial image width/height (None: 256 on the CPU, 512 on a GPU)")
+    s.add_argument("--no-warmup", action="store_true", help="skip the small warm-up generation at start")
+    p.set_defaults(func=_ui)
+
+
+def _ui(args) -> int:
+    from ..cli import UsageError
+
+    try:
+        import gradio  # noqa: F401
+    except ModuleNotFoundError:
+        raise UsageError("the UI needs Gradio: pip install 'anytext2-lcm[ui]' (or `make setup`)") from None
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up probes
+    if args.size is not None and (args.size < 64 or args.size % 64):
+        raise UsageError(f"--size {args.size}: a multiple of 64")
+    port = args.port if args.port else _free_port(args.host)
+    _check_port(args.host, port)  # before the model is loaded: fail fast
+    from ..ui.app import build_app, launch
+    from ..ui.engine import Engine
+
+    engine = Engine.load(args.model, lora=args.lora, lora_scale=args.lora_scale, device=args.device,
+                         dtype=args.dtype, config=args.config, trust_pickle=args.trust_pickle,
+                         glyph_font=args.glyph_font)
+    log.info("%s", engine.describe().replace("`", ""))
+    if not args.no_warmup:
+        log.info("warm-up generation took %.1f s", engine.warmup())
+    app = build_app(engine, default_size=args.size)
+    try:
+        url = launch(app, host=args.host, port=port)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {args.host}:{port} ({e}); pass another --port") from None
+    print(f"anytext2-lcm ui: running on {url}  (Ctrl-C to stop)", flush=True)
+    try:
+        app.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.close()
+    return 0
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host if host not in ("0.0.0.0", "") else "127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    from ..cli import UsageError
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+            s.bind((host if host not in ("0.0.0.0", "") else "", port))
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port (0: any free "
+                         "port)") from None
