@@ -75,13 +75,17 @@ def test_render_line_blank_for_space(font):
     assert G.render_line(" ", font).sum() == 0
 
 
-def test_line_cache_returns_shared_read_only_arrays(font):
+def test_line_cache_gives_the_rendering_and_hits(font):
     render = G.cached_line_renderer(16)
-    a = render("cache me", font)
-    b = render("cache me", font)
-    assert a is b and not a.flags.writeable
-    assert render.cache_info().hits == 1
-    np.testing.assert_array_equal(a, G.render_line_u8("cache me", font))
+    a = render("cache me 缓存", font)
+    b = render("cache me 缓存", font)
+    assert render.cache_info().hits == 1 and render.cache_info().misses == 1
+    ref = G.render_line_u8("cache me 缓存", font)
+    assert a.dtype == ref.dtype == np.uint8 and a.shape == (80, 512)
+    np.testing.assert_array_equal(a, ref)
+    np.testing.assert_array_equal(b, ref)
+    a[:] = 0  # a caller writing into its copy does not spoil the cache
+    np.testing.assert_array_equal(render("cache me 缓存", font), ref)
     assert G.cached_line_renderer(0) is G.render_line_u8
 
 
