@@ -141,3 +141,12 @@ def test_make_data_refuses_to_overwrite(made, capsys):
     assert main(["make-data", "--out", str(made), "--num", "1", "--size", str(S)]) == 2
     assert "already holds a dataset" in capsys.readouterr().err
     assert main(["make-data", "--out", str(made / "x"), "--num", "0"]) == 2
+
+
+def test_parallel_generation_writes_the_same_dataset(tmp_path):
+    cfg = SynthConfig(num=5, size=128, seed=6)
+    (one,) = write_dataset(cfg, tmp_path / "one")
+    (two,) = write_dataset(cfg, tmp_path / "two", workers=2)
+    assert one.read_bytes() == two.read_bytes()
+    for img in sorted((tmp_path / "one" / "images").iterdir()):
+        assert img.read_bytes() == (tmp_path / "two" / "images" / img.name).read_bytes()
