@@ -100,7 +100,13 @@ def metrics(out_dir: Path) -> list[dict]:
     f = Path(out_dir) / "metrics.jsonl"
     if not f.exists():
         return []
-    return [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
+    out = []
+    for ln in f.read_text().splitlines():
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:  # a line being written right now (or torn by a kill)
+            pass
+    return out
 
 
 def losses(out_dir: Path) -> list[tuple[int, float]]:

@@ -459,6 +459,24 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _wants_float(hint: Any) -> bool:
+    if hint is float:
+        return True
+    return any(a is float for a in typing.get_args(hint))
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    """YAML reads ``1e-4`` (no dot) as a string; a float field takes it as the number it means."""
+    if isinstance(value, str) and _wants_float(hint):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, list) and typing.get_origin(hint) is tuple and _wants_float(hint):
+        return [_coerce(float, v) for v in value]
+    return value
+
+
 def _build(cls: type, values: Any, prefix: str) -> Any:
     """Instantiate dataclass ``cls`` from a mapping, recursing into dataclass-typed fields; unknown keys are errors."""
     if values is None:
@@ -477,7 +495,7 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
         if isinstance(t, type) and dataclasses.is_dataclass(t):
             kwargs[k] = _build(t, v, f"{prefix}.{k}".lstrip("."))
         else:
-            kwargs[k] = v
+            kwargs[k] = _coerce(t, v)
     try:
         return cls(**kwargs)
     except TypeError as e:  # e.g. a required field missing

@@ -409,7 +409,13 @@ class Trainer:
         f = self.out / "metrics.jsonl"
         if not f.exists():
             return
-        keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.state.global_step]
+        keep = []
+        for ln in f.read_text().splitlines():
+            try:
+                if json.loads(ln)["step"] <= self.state.global_step:
+                    keep.append(ln)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line torn by a kill
         tmp = f.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, f)
@@ -476,7 +482,9 @@ class Trainer:
                     signum = int(stop)
                     log.warning("stopping at step %d (micro-step %d): saving a checkpoint", s.global_step,
                                 s.micro_step)
-                    self.save()
+                    here = checkpoint_name(s.global_step, s.micro_in_window(ga))
+                    if self.last_checkpoint is None or self.last_checkpoint.name != here:
+                        self.save()  # (not again when the periodic checkpoint of this very point exists)
                     return 128 + signum
                 if data_iter is None:
                     data_iter = iter(self.loader)
