@@ -9,8 +9,9 @@ Shapes (B = batch, L = line slots, H x W = image size, h x w = latent size = H/8
 ================  =====================  ==========================================================================
 field             shape                  meaning
 ================  =====================  ==========================================================================
-``glyphs``        (B, L, C, H, W) float  line j rendered in its polygon, C = 3 (coloured) or 1, values in [0, 1];
-                                         the WriteNet only uses ``sum != 0`` over lines and channels
+``glyphs``        (B, L, C, gH, gW)      line j rendered in its polygon, C = 3 (coloured) or 1, values in [0, 1],
+                  float                  at g = ``glyph_scale`` times the image size (g = 1 in AnyText2); the WriteNet
+                                         only uses ``sum != 0`` over lines and channels
 ``positions``     (B, L, 1, H, W) float  filled polygon of line j, {0, 1}
 ``gly_line``      (B, L, 1, 80, 512)     line j rendered centred on an 80 x 512 canvas, {0, 1} (glyph-OCR input)
 ``colors``        (B, L, 3) float        RGB / 255 of line j; (500, 500, 500) / 255 means "colour not specified"
@@ -22,7 +23,8 @@ field             shape                  meaning
 
 Data batches (``data.collate``) carry these under the same names plus ``img`` (B, 3, H, W) in [-1, 1],
 ``masked_img`` (B, 3, H, W) in [-1, 1], ``inv_mask`` (B, 1, H, W), ``hint`` (B, 1, H, W), ``img_caption`` and
-``text_caption`` (lists of str), ``texts`` / ``language`` (lists of lists of str). ``masked_x`` is computed from
+``text_caption`` (lists of str), ``texts`` / ``language`` (lists of lists of str), and the data loader's
+``skipped`` (reason → count) and ``skip_records``. ``masked_x`` is computed from
 ``masked_img`` by the model's VAE (see :func:`anytext2_lcm.models.anytext2.AnyText2.encode_masked`).
 """
 
