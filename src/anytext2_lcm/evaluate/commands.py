@@ -1,0 +1,128 @@
+"""``anytext2-lcm evaluate`` and ``anytext2-lcm bench``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def register(sub) -> None:
+    from ..commands.common import add_model_args
+    from .bench import add_bench_args
+    from .runner import EVAL_A_PROMPT, EVAL_N_PROMPT
+    from .runtime import add_runtime_args
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser(
+        "evaluate", formatter_class=fmt,
+        help="teacher vs student: OCR accuracy (Sen.ACC, NED), fidelity, speed; JSON + Markdown report + grids",
+        description="Generates every sample of AnyWord-format annotation files (e.g. from make-data, or the AnyText "
+                    "benchmark's test1k.json) with the teacher (DDIM + CFG, adapters off) and the student at each "
+                    "step count under the same seeds and x_T, reads every line with the offline PP-OCRv4 recogniser "
+                    "and writes OUT/results.json, OUT/report.md, OUT/grids/*.png and OUT/images/.")
+    add_model_args(p)
+    d = p.add_argument_group("data")
+    d.add_argument("--data", nargs="+", required=True, help="AnyWord JSON file(s)")
+    d.add_argument("--num", type=int, default=None, help="evaluate the first N usable samples")
+    d.add_argument("--size", type=int, default=512, help="generation size (polygons are scaled to it)")
+    d.add_argument("--source-size", type=int, default=512,
+                   help="image size assumed for rows whose image file is missing")
+    d.add_argument("--max-lines", type=int, default=20)
+    d.add_argument("--max-chars", type=int, default=20)
+    d.add_argument("--font", dest="glyph_font", default=None, help="glyph font (default: a CJK-capable system font)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--images-per-prompt", type=int, default=1, help="images per sample (the benchmark uses 4)")
+    s.add_argument("--seed", type=int, default=100, help="seed of sample 0 (sample i: seed + i)")
+    s.add_argument("--teacher-steps", type=int, default=20)
+    s.add_argument("--teacher-cfg", type=float, default=7.5)
+    s.add_argument("--student-steps", type=_int_list, default=(1, 2, 4, 8), help="comma-separated step counts")
+    s.add_argument("--student-sampler", default="lcm", choices=["lcm", "tcd", "pcm", "ddim"])
+    s.add_argument("--student-cfg", type=float, default=1.0)
+    s.add_argument("--gamma", type=float, default=None, help="TCD gamma")
+    s.add_argument("--a-prompt", default=EVAL_A_PROMPT)
+    s.add_argument("--n-prompt", default=EVAL_N_PROMPT)
+    s.add_argument("--no-warmup", action="store_true", help="time the first call too")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", required=True, help="output folder")
+    o.add_argument("--grid-rows", type=int, default=8, help="samples per grid image")
+    o.add_argument("--max-grids", type=int, default=4, help="grid images at most")
+    o.add_argument("--no-student-images", action="store_true", help="do not keep student images (only grids)")
+    o.add_argument("--ocr-model", default=None, help="PP-OCR recogniser ONNX (default: the one in rapidocr)")
+    add_runtime_args(p)
+    p.set_defaults(func=_evaluate)
+
+    b = sub.add_parser(
+        "bench", formatter_class=fmt,
+        help="end-to-end seconds per image, teacher (20/50-step DDIM + CFG) vs student (1-8 steps), with components",
+        description="Times the teacher and the student side by side in one process (warm-up, interleaved rounds, "
+                    "median), the cost of each component, the measured and eval-count ratios and the goals. "
+                    "Default: the sd15 architecture with random weights at 256 px.")
+    add_bench_args(b)
+    b.set_defaults(func=_bench)
+
+
+def _evaluate(args) -> int:
+    from ..cli import UsageError
+    from ..commands.common import build_model, pick_device, pick_dtype
+    from ..generation import InputError
+    from .ocr import TextReader
+    from .report import write_report
+    from .runner import EvalConfig, evaluate
+    from .runtime import runtime_from_args
+
+    opts = {}
+    if args.gamma is not None:
+        if args.student_sampler != "tcd":
+            raise UsageError("--gamma applies to --student-sampler tcd")
+        opts["gamma"] = args.gamma
+    cfg = EvalConfig(data=tuple(args.data), num=args.num, size=args.size, images_per_prompt=args.images_per_prompt,
+                     seed=args.seed, teacher_steps=args.teacher_steps, teacher_cfg=args.teacher_cfg,
+                     student_steps=args.student_steps, student_sampler=args.student_sampler,
+                     student_cfg=args.student_cfg, student_options=opts, max_lines=args.max_lines,
+                     max_chars=args.max_chars, source_size=args.source_size, a_prompt=args.a_prompt,
+                     n_prompt=args.n_prompt, glyph_font=args.glyph_font, warmup=not args.no_warmup,
+                     save_student_images=not args.no_student_images)
+    runtime = runtime_from_args(args)
+    reader = TextReader(args.ocr_model)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    model = build_model(args.model, args.config, args.trust_pickle)
+    if args.lora:
+        # loaded unmerged: the teacher runs with the adapters bypassed; --merge-lora merges after the teacher
+        from .. import lora as L
+
+        L.load_lora(model, args.lora)
+        if args.lora_scale != 1.0:
+            L.set_lora_scale(model, args.lora_scale)
+    else:
+        log.warning("no --lora: the 'student' runs are the teacher's weights with the %s sampler",
+                    args.student_sampler)
+    model = model.to(device=device, dtype=dtype).eval()
+    try:
+        results = evaluate(model, cfg, args.out, reader=reader, runtime=runtime,
+                           merge_lora_for_students=bool(args.lora and args.merge_lora))
+    except InputError as e:
+        raise UsageError(str(e)) from None
+    results["config"]["model_spec"] = args.model
+    results["config"]["lora_path"] = args.lora
+    paths = write_report(results, args.out, grid_rows=args.grid_rows, max_grids=args.max_grids)
+    from .report import results_table
+
+    print(results_table(results))
+    print(f"wrote {paths['json']}, {paths['markdown']} and {len(paths) - 2} grid image(s)")
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import bench_from_args
+
+    return bench_from_args(args)

@@ -1,0 +1,365 @@
+"""Inference speed and memory options that leave the model's code and weights alone.
+
+A :class:`RuntimeOptions` is applied to a built ``AnyText2`` with :func:`apply_runtime_options`, which returns a
+:class:`ModelView` (the model with some steps swapped) and a :class:`~anytext2_lcm.generation.Generator` for it.
+Every option is opt-in; the ones that change numerics say so, and ``anytext2-lcm bench --variants`` measures
+their effect on the outputs (PSNR against the fp32 baseline at the same seed).
+
+================  =======================  ===================================================================
+option            numerics                 what it does
+================  =======================  ===================================================================
+channels_last     same math (rounding)     UNet, WriteNet and VAE weights in NHWC; oneDNN/cuDNN convolutions
+                                           then run in NHWC without layout conversions
+vae_dtype         changes (bf16/fp16)      only the VAE in a lower precision; inputs are cast in and the
+                                           output cast back, so the UNet keeps its precision
+writenet_dtype    changes (bf16/fp16)      only the WriteNet (run once per image) in a lower precision, the
+                                           same way; its residuals are cast back before the UNet uses them
+tiny_decoder      different network        decode with diffusers' ``AutoencoderTiny`` (the TAESD design,
+                                           1.2 M decoder parameters) instead of the SD VAE decoder; needs
+                                           trained TAESD weights (a local folder) for real images, "random"
+                                           is for timing only
+compile           same math (rounding)     ``nn.Module.compile()`` (TorchInductor) on the UNet, the WriteNet
+                                           and the VAE decoder, in place (state-dict keys unchanged)
+offload           none                     GPU memory: only the component in use (OCR, CLIP, WriteNet, UNet,
+                                           VAE) sits on the device; the others wait on the CPU
+================  =======================  ===================================================================
+
+The model dtype itself (``--dtype fp32|bf16|fp16``) is chosen when the model is built
+(:func:`anytext2_lcm.commands.common.model_from_args`); bf16 on a CPU with AMX and fp16/bf16 on a GPU are the
+fast settings. Attention always goes through ``F.scaled_dot_product_attention`` (the model's blocks and diffusers'
+VAE), so attention slicing is not needed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from ..generation import Generator
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+COMPONENTS: dict[str, tuple[str, ...]] = {
+    "ocr": ("embedding_manager", "text_predictor"),
+    "clip": ("cond_stage_model",),
+    "writenet": ("control_model",),
+    "unet": ("model",),
+    "vae": ("first_stage_model",),
+}
+"""Offload groups: the ``AnyText2`` children each pipeline step uses."""
+
+
+@dataclass(kw_only=True)
+class RuntimeOptions:
+    """Speed / memory options (all off by default)."""
+
+    channels_last: bool = False
+    """Convolution weights in channels-last (NHWC) memory format."""
+    vae_dtype: str | None = None
+    """Run only the VAE in this precision ('bf16', 'fp16', 'fp32'); None: the model's dtype."""
+    writenet_dtype: str | None = None
+    """Run only the WriteNet in this precision (it runs once per image, not per step); None: the model's dtype."""
+    tiny_decoder: str | None = None
+    """Decode with an ``AutoencoderTiny``: a local diffusers folder / file with TAESD weights, or 'random'
+    (untrained weights, for timing)."""
+    compile: bool = False
+    """``torch.compile`` the UNet, WriteNet and VAE decoder (first calls are slow while it compiles)."""
+    offload: bool = False
+    """Keep idle components on the CPU and move each to the execution device only while it runs."""
+
+    def __post_init__(self) -> None:
+        from ..config import ConfigError
+
+        for name in ("vae_dtype", "writenet_dtype"):
+            v = getattr(self, name)
+            if v is not None and v not in DTYPES:
+                raise ConfigError(f"runtime.{name}={v!r}: one of {sorted(DTYPES)} or None")
+
+    @property
+    def changes_numerics(self) -> bool:
+        """True when outputs are expected to differ beyond rounding from the plain model's."""
+        return self.vae_dtype is not None or self.writenet_dtype is not None or self.tiny_decoder is not None
+
+    def label(self) -> str:
+        parts = []
+        if self.channels_last:
+            parts.append("channels_last")
+        if self.vae_dtype:
+            parts.append(f"vae_{self.vae_dtype}")
+        if self.writenet_dtype:
+            parts.append(f"writenet_{self.writenet_dtype}")
+        if self.tiny_decoder:
+            parts.append("tiny_decoder" if self.tiny_decoder != "random" else "tiny_decoder(random)")
+        if self.compile:
+            parts.append("compile")
+        if self.offload:
+            parts.append("offload")
+        return "+".join(parts) or "none"
+
+
+def add_runtime_args(p) -> None:
+    """The :class:`RuntimeOptions` flags (used by ``evaluate`` and ``bench``)."""
+    g = p.add_argument_group("speed and memory (opt-in)")
+    g.add_argument("--channels-last", action="store_true", help="convolution weights in NHWC memory format")
+    g.add_argument("--vae-dtype", choices=sorted(DTYPES), default=None,
+                   help="run only the VAE in this precision (changes outputs slightly; e.g. bf16 on AMX CPUs)")
+    g.add_argument("--writenet-dtype", choices=sorted(DTYPES), default=None,
+                   help="run only the WriteNet (once per image) in this precision (changes outputs slightly)")
+    g.add_argument("--tiny-decoder", default=None, metavar="PATH|random",
+                   help="decode with diffusers' AutoencoderTiny (TAESD weights from a local folder; 'random' for "
+                        "timing only): a different, much cheaper decoder")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet, WriteNet and VAE decoder")
+    g.add_argument("--offload", action="store_true",
+                   help="GPU memory: keep idle components on the CPU, move each to the device while it runs")
+
+
+def runtime_from_args(args) -> RuntimeOptions:
+    return RuntimeOptions(channels_last=args.channels_last, vae_dtype=args.vae_dtype,
+                          writenet_dtype=args.writenet_dtype, tiny_decoder=args.tiny_decoder, compile=args.compile,
+                          offload=args.offload)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cast_tree(x: Any, dtype: torch.dtype) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_cast_tree(v, dtype) for v in x)
+    return x
+
+
+def run_in_dtype(module: nn.Module, dtype: torch.dtype, out_dtype: torch.dtype) -> list:
+    """Convert ``module`` to ``dtype`` and cast its floating inputs to ``dtype`` and outputs to ``out_dtype``.
+
+    Uses forward (pre-)hooks, so the module's code and state-dict keys stay as they are. Returns the hook handles
+    (``handle.remove()`` undoes the casts, not the conversion).
+    """
+    module.to(dtype)
+
+    def pre(_m, args, kwargs):
+        return _cast_tree(args, dtype), {k: _cast_tree(v, dtype) for k, v in kwargs.items()}
+
+    def post(_m, _args, out):
+        return _cast_tree(out, out_dtype)
+
+    return [module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post)]
+
+
+def build_tiny_decoder(spec: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """An ``AutoencoderTiny`` decoder: ``spec`` = a local diffusers folder (``from_pretrained``, offline) or a
+    safetensors file of its state dict, or 'random' (seeded untrained weights, for timing).
+
+    The TAESD decoder reads the *scaled* diffusion latent (x_0 as the sampler returns it, scaling factor 1) and
+    returns an image in [-1, 1].
+    """
+    from pathlib import Path
+
+    from diffusers import AutoencoderTiny
+
+    if spec == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            tiny = AutoencoderTiny()
+    else:
+        p = Path(spec)
+        if p.is_dir():
+            tiny = AutoencoderTiny.from_pretrained(str(p), local_files_only=True)
+        elif p.is_file():
+            from safetensors.torch import load_file
+
+            tiny = AutoencoderTiny()
+            missing, unexpected = tiny.load_state_dict(load_file(str(p)), strict=False)
+            if any(k.startswith("decoder.") for k in missing) or unexpected:
+                raise ValueError(f"{p}: not an AutoencoderTiny state dict (missing {missing[:3]}, unexpected "
+                                 f"{unexpected[:3]})")
+        else:
+            raise FileNotFoundError(f"tiny decoder {p} does not exist (a diffusers AutoencoderTiny folder, a "
+                                    "safetensors file, or 'random')")
+    tiny.encoder = None  # only the decoder is used; frees its memory
+    return tiny.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model view
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _VAEView:
+    """``model.vae`` as the generator sees it: ``encode`` runs with the VAE resident (offload)."""
+
+    def __init__(self, view: "ModelView"):
+        self._view = view
+
+    def encode(self, image: torch.Tensor):
+        with self._view.using("vae"):
+            return self._view.model.vae.encode(image)
+
+    def __getattr__(self, name):
+        return getattr(self._view.model.vae, name)
+
+
+class ModelView:
+    """An ``AnyText2`` seen through runtime options: the same methods, with a swapped decoder and/or offloading.
+
+    Everything not overridden is delegated to the wrapped model, so a ``Generator`` or ``pipeline`` function takes
+    a view where it takes a model.
+
+    Args:
+        model: the ``AnyText2`` (its weights stay where they are unless ``offload_device`` is set).
+        decoder: replaces ``decode``: scaled latent (B, 4, h, w) → image (B, 3, 8h, 8w) in [-1, 1].
+        offload_device: when set, components live on the CPU and each is moved to this device only while it runs.
+    """
+
+    def __init__(self, model: nn.Module, decoder: nn.Module | None = None,
+                 offload_device: torch.device | None = None):
+        # ``trace``: the last components used, in order (for tests and debugging; bounded for long runs)
+        self.__dict__.update(model=model, decoder=decoder, offload_device=offload_device, active=None,
+                             trace=collections.deque(maxlen=4096))
+
+    def __getattr__(self, name):  # only called for attributes the view does not define
+        return getattr(self.__dict__["model"], name)
+
+    def eval(self) -> "ModelView":
+        self.model.eval()
+        return self
+
+    # ---- offloading -------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def using(self, component: str) -> Iterator[None]:
+        """Make ``component`` (a :data:`COMPONENTS` key or 'tiny_decoder') resident on the execution device.
+
+        Offloading swaps whole components, as diffusers' model offload does: the previous one goes back to the
+        CPU when the next one is needed (not after each call, which would move the UNet at every step).
+        """
+        self.trace.append(component)
+        if self.offload_device is None or self.active == component:
+            yield
+            return
+        if self.active is not None:
+            for m in self._modules_of(self.active):
+                m.to("cpu")
+        for m in self._modules_of(component):
+            m.to(self.offload_device)
+        self.__dict__["active"] = component
+        yield
+
+    def _modules_of(self, component: str) -> list[nn.Module]:
+        if component == "tiny_decoder":
+            return [self.decoder]
+        return [getattr(self.model, n) for n in COMPONENTS[component]]
+
+    def offload_all(self) -> None:
+        """Move every component to the CPU (the start state of an offloaded model)."""
+        for name in COMPONENTS:
+            for m in self._modules_of(name):
+                m.to("cpu")
+        if self.decoder is not None:
+            self.decoder.to("cpu")
+        self.__dict__["active"] = None
+
+    # ---- the model's steps ---------------------------------------------------------------------------------------
+
+    @property
+    def vae(self) -> _VAEView:
+        return _VAEView(self)
+
+    def line_embeddings(self, text_info, return_parts: bool = False):
+        with self.using("ocr"):
+            return self.model.line_embeddings(text_info, return_parts=return_parts)
+
+    def encode_conditions(self, img_prompts, text_prompts, lines):
+        with self.using("clip"):
+            return self.model.encode_conditions(img_prompts, text_prompts, lines)
+
+    def control(self, text_context, text_info):
+        with self.using("writenet"):
+            return self.model.control(text_context, text_info)
+
+    def denoise(self, *args, **kwargs):
+        with self.using("unet"):
+            return self.model.denoise(*args, **kwargs)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latent (B, 4, h, w) → image (B, 3, 8h, 8w), nominally in [-1, 1]."""
+        if self.decoder is None:
+            with self.using("vae"):
+                return self.model.decode(z)
+        with self.using("tiny_decoder"):
+            p = next(self.decoder.parameters())
+            out = self.decoder.decode(z.to(p.device, p.dtype)).sample
+        return out.to(z.dtype)
+
+
+class ViewGenerator(Generator):
+    """A ``Generator`` over a :class:`ModelView` with a fixed execution device and dtype (an offloaded UNet may sit
+    on the CPU between steps, so the device cannot be read from its weights)."""
+
+    def __init__(self, model: ModelView, device: torch.device, dtype: torch.dtype, glyph_font: str | None = None):
+        super().__init__(model, glyph_font)
+        self._device = torch.device(device)
+        self._dtype = dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+
+def apply_runtime_options(model: nn.Module, opts: RuntimeOptions, device: torch.device | None = None,
+                          generator_cls: type[ViewGenerator] = ViewGenerator, glyph_font: str | None = None
+                          ) -> tuple[ModelView, ViewGenerator]:
+    """Apply ``opts`` to ``model`` (in place where an option converts weights) → (view, generator).
+
+    Args:
+        model: an ``AnyText2`` on its device and dtype (with a LoRA applied or merged if any).
+        device: the execution device (default: where the UNet is).
+        generator_cls: a :class:`ViewGenerator` subclass to build.
+    """
+    p = next(model.unet.parameters())
+    device = torch.device(device) if device is not None else p.device
+    dtype = p.dtype
+    if opts.channels_last:
+        for m in (model.unet, model.control_model, model.vae):
+            m.to(memory_format=torch.channels_last)
+    if opts.vae_dtype is not None and DTYPES[opts.vae_dtype] != dtype:
+        vdt = DTYPES[opts.vae_dtype]
+        am = model.vae.model
+        for sub in (am.encoder, am.quant_conv, am.post_quant_conv, am.decoder):
+            run_in_dtype(sub, vdt, dtype)
+        if opts.channels_last:
+            model.vae.to(memory_format=torch.channels_last)
+    if opts.writenet_dtype is not None and DTYPES[opts.writenet_dtype] != dtype:
+        run_in_dtype(model.control_model, DTYPES[opts.writenet_dtype], dtype)
+        if opts.channels_last:
+            model.control_model.to(memory_format=torch.channels_last)
+    decoder = None
+    if opts.tiny_decoder is not None:
+        ddt = DTYPES[opts.vae_dtype] if opts.vae_dtype else dtype
+        decoder = build_tiny_decoder(opts.tiny_decoder, device, ddt)
+        if opts.channels_last:
+            decoder.to(memory_format=torch.channels_last)
+    if opts.compile:
+        for m in (model.unet, model.control_model, model.vae.model.decoder):
+            m.compile()
+        if decoder is not None:
+            decoder.decoder.compile()
+    view = ModelView(model, decoder, device if opts.offload else None)
+    if opts.offload:
+        view.offload_all()
+    return view, generator_cls(view, device, dtype, glyph_font)
