@@ -76,11 +76,26 @@ def run_command(args, method: str | None) -> int:
         return 0
     from .trainer import NonFiniteTrainingError, train
 
+    finished = False
     try:
         result = train(cfg)
+        finished = True
     except (TooManySkipsError, NonFiniteTrainingError) as e:
         print(f"anytext2-lcm {args.command}: stopped: {e}", file=sys.stderr)
         return 1
+    finally:
+        _close_process_group(finished)
     if result.exit_code:
         log.warning("stopped by a signal after step %d; resume with --resume latest", result.state.global_step)
     return result.exit_code
+
+
+def _close_process_group(synchronise: bool) -> None:
+    """Leave the process group together: a gloo/NCCL group torn down by the interpreter at exit while a peer has
+    already gone can abort the process (SIGABRT) after a clean run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if synchronise:
+            dist.barrier()
+        dist.destroy_process_group()

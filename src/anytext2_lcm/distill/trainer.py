@@ -246,6 +246,11 @@ class Trainer:
             log.warning("train.mixed_precision=fp16 on a CPU: fp16 there is a no-op or ~40x slower; using fp32")
             mp = "no"
         self.mixed_precision = mp
+        # Accelerate keeps its settings in a per-process singleton; a second run in the same process (library use,
+        # tests) may ask for another precision. Reset the accelerator-level part only: the process group stays.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             cpu=use_cpu, mixed_precision=mp, gradient_accumulation_steps=1,
             log_with="tensorboard" if cfg.logging.tensorboard else None,
@@ -254,6 +259,8 @@ class Trainer:
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
         self.main = acc.is_main_process
+        if not self.main:  # one voice for progress; warnings (stops, skips) still come from every rank
+            logging.getLogger("anytext2_lcm").setLevel(logging.WARNING)
         self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.checkpoint.keep_last, self.rank, self.world,
                                       barrier=acc.wait_for_everyone, all_ok=self._all_ok, fault=fault)
         self.method: Method = METHODS[cfg.method](cfg)
@@ -564,6 +571,8 @@ class Trainer:
         loss_bad, grad_bad = self._reduce([float(w.nonfinite), float(not math.isfinite(norm))], "max")
         lr = self.scheduler.get_last_lr()[0]
         if loss_bad or (grad_bad and acc.scaler is None):
+            if acc.scaler is not None:
+                acc.scaler.update()  # clip_grad_norm_ unscaled (and recorded Inf); close the scaler's iteration
             s.nonfinite_steps += 1
             s.consecutive_nonfinite += 1
             log.warning("step %d skipped: non-finite %s (%d in a row, %d in all)", s.global_step + 1,
