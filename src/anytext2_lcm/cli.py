@@ -16,7 +16,7 @@ import sys
 
 # Modules that provide ``register(subparsers)``. A module that does not exist yet is skipped.
 COMMAND_MODULES = (
-    "anytext2_lcm.commands.model",        # convert, parity
+    "anytext2_lcm.commands.model",        # convert, parity, config-docs
     "anytext2_lcm.commands.generate",     # generate
     "anytext2_lcm.lora_commands",         # inspect, export (LoRA targets, adapters, merged checkpoints)
     "anytext2_lcm.data.commands",         # make-data, validate-data

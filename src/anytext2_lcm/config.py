@@ -303,15 +303,21 @@ class ModelConfig:
     """The whole AnyText2 model."""
 
     unet: UNetConfig = field(default_factory=UNetConfig)
+    """The denoising UNet with AttnX (``model.diffusion_model``)."""
     writenet: WriteNetConfig = field(default_factory=WriteNetConfig)
+    """The WriteNet text ControlNet (``control_model``)."""
     vae: VAEConfig = field(default_factory=VAEConfig)
+    """The autoencoder (``first_stage_model``)."""
     clip: CLIPConfig = field(default_factory=CLIPConfig)
+    """The CLIP text encoder (``cond_stage_model``)."""
     ocr: OCRConfig = field(default_factory=OCRConfig)
     """The frozen glyph recogniser (``text_predictor``)."""
     font_ocr: OCRConfig = field(default_factory=OCRConfig)
     """The trainable font recogniser (``embedding_manager.font_predictor``)."""
     embedding: TextEmbeddingConfig = field(default_factory=TextEmbeddingConfig)
+    """The text-embedding module (``embedding_manager``)."""
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """The noise schedule and latent scale."""
     name: str = "custom"
     """Preset name (informational)."""
 

@@ -85,23 +85,33 @@ class GenerationRequest:
     edit_image: Any = None
     """Editing mode: the image (array or path) whose text regions (the positions) are rewritten."""
     height: int = 512
+    """Image height in pixels (a multiple of 64; editing uses the edit image's size)."""
     width: int = 512
+    """Image width in pixels (a multiple of 64)."""
     num_images: int = 1
+    """Images generated from the same conditioning (one batch)."""
     seed: int = 0
+    """Seed of every random draw (masked-image posterior sample, x_T, sampler noise)."""
     steps: int = 20
+    """Sampler steps (the teacher's DDIM: 20; students: 1-8)."""
     sampler: str = "ddim"
     """'ddim' (teacher), or a student sampler: 'lcm', 'tcd', 'pcm'."""
     sampler_options: dict = field(default_factory=dict)
+    """Extra sampler options, e.g. {"gamma": 0.3} for 'tcd'."""
     cfg_scale: float = 7.5
     """Classifier-free guidance scale (the demo's 7.5; 1 disables the uncond branch)."""
     strength: float = 1.0
     """WriteNet control strength."""
     attnx_scale: float = 1.0
+    """Strength of the AttnX attention branches."""
     eta: float = 0.0
     """DDIM η (teacher sampler)."""
     a_prompt: str = DEFAULT_A_PROMPT
+    """Added prompt, appended to the image prompt as ``prompt + ", " + a_prompt`` (the original demo's default)."""
     n_prompt: str = DEFAULT_N_PROMPT
+    """Negative prompt of the unconditional branch (the original demo's default)."""
     max_chars: int = 20
+    """Lines are cut to this many characters (the original's max_chars)."""
     glyph_font: str | None = None
     """Font for glyphs and line images (default: a CJK-capable system font)."""
 

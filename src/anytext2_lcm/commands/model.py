@@ -1,4 +1,4 @@
-"""``convert`` and ``parity``: the teacher's checkpoint tools."""
+"""``convert``, ``parity`` and ``config-docs``: the teacher's checkpoint tools and the configuration reference."""
 
 from __future__ import annotations
 
@@ -25,6 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="allow a full unpickle of a .ckpt that weights_only refuses (executes code from the file: only "
                         "for files from a source you trust)")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("config-docs", help="write docs/config.md from the config dataclasses (--check: verify it)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="docs/config.md", help="output Markdown file")
+    p.add_argument("--check", action="store_true", help="exit 1 if the file differs from what would be written")
+    p.set_defaults(func=_config_docs)
 
     p = sub.add_parser("parity", help="replay a fixture made with the original AnyText2 code and compare outputs",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -73,3 +79,23 @@ def _parity(args) -> int:
     rows = run_parity(args.fixture_dir, threads=args.threads)
     print(format_rows(rows))
     return 0 if rows and all(r.ok for r in rows) else 1
+
+
+def _config_docs(args) -> int:
+    from ..config_docs import render, undocumented
+
+    text = render()
+    out = Path(args.out)
+    missing = undocumented()
+    if missing:
+        print(f"warning: fields without a docstring: {', '.join(missing)}")
+    if args.check:
+        if not out.is_file() or out.read_text(encoding="utf-8") != text:
+            print(f"{out} is out of date: run 'anytext2-lcm config-docs --out {out}'")
+            return 1
+        print(f"{out} is up to date")
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out} ({len(text.splitlines())} lines)")
+    return 0

@@ -77,8 +77,9 @@ class SynthConfig:
     vary_size: bool = False
     """Random sizes (0.75-1.5 x size, non-square), to exercise the reader's resizing."""
     min_lines: int = 1
+    """Fewest valid text lines per image."""
     max_lines: int = 5
-    """Valid text lines per image (fewer if they do not fit without overlap)."""
+    """Most valid text lines per image (fewer if they do not fit without overlap)."""
     chinese_prob: float = 0.4
     """Probability that a line is Chinese (else Latin)."""
     vertical_prob: float = 0.15
@@ -88,7 +89,9 @@ class SynthConfig:
     no_color_prob: float = 0.1
     """Probability that a line's colour is not recorded (the reader then uses 500 = unspecified)."""
     seed: int = 0
+    """Seed of everything random (backgrounds, words, layout, fonts, colours); same seed, same bytes."""
     jpeg_quality: int = 92
+    """JPEG quality of the written images."""
     shard_size: int = 10000
     """Rows per JSON file."""
     font_dir: str | None = None
