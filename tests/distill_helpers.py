@@ -11,10 +11,24 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 _DATASETS: dict[tuple, Path] = {}
+THREADS = 1
+"""Intra-op threads of every training in these tests, in-process and in subprocesses. One thread keeps a tiny model
+fast on a busy machine (two OpenMP threads spin against other processes: 25x slower measured on 2 shared cores) and
+makes in-process and subprocess runs bit-comparable."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Module-wide: import it into a test module (``from distill_helpers import one_thread``) to run it there."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny_dataset(root: Path, num: int = 8, size: int = 128, max_lines: int = 1) -> Path:
@@ -61,7 +75,7 @@ def write_yaml(cfg_dict: dict, path: Path) -> Path:
     return path
 
 
-def cli_env(threads: int | None = None) -> dict:
+def cli_env(threads: int | None = THREADS) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("HF_HUB_OFFLINE", "1")

@@ -15,6 +15,8 @@ from anytext2_lcm.checkpoint import CheckpointError
 from anytext2_lcm.distill.checkpoints import (MARKER, PHASES, CheckpointManager, CheckpointReader,
                                               NonFiniteCheckpointError, checkpoint_name, parse_name)
 
+from distill_helpers import one_thread  # noqa: F401  (autouse: one intra-op thread in this module)
+
 
 class Crash(Exception):
     """A simulated crash inside a save."""

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
-
 import torch
 
 from anytext2_lcm.distill.trainer import train
 
 from distill_helpers import (REPO, base_config, checkpoint_dirs, cli_env, free_port, losses, make_config,
                              tiny_dataset, trainable, write_yaml)
+from distill_helpers import one_thread  # noqa: F401  (autouse: one intra-op thread in this module)
 
 STEPS = 3
 

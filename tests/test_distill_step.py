@@ -14,11 +14,12 @@ from anytext2_lcm.distill.batch import prepare_batch
 from anytext2_lcm.distill.config import TrainConfig
 from anytext2_lcm.distill.data import build_loader
 from anytext2_lcm.distill.lcm import DenoiserNet, LCMMethod, distill_conditions
-from anytext2_lcm.distill.trainer import build_teacher
+from anytext2_lcm.distill.components import build_teacher
 from anytext2_lcm.lora import disable_adapters
 from anytext2_lcm.pipeline import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
 
 from distill_helpers import make_config, tiny_dataset
+from distill_helpers import one_thread  # noqa: F401  (autouse: one intra-op thread in this module)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +164,7 @@ def test_zero_conv_lora_teacher_without_student_with_adapter(data, tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(data, tmp_path):
-    from anytext2_lcm.distill.trainer import enable_gradient_checkpointing
+    from anytext2_lcm.distill.components import enable_gradient_checkpointing
 
     cfg = make_config(data, tmp_path)
     grads = []

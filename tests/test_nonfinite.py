@@ -12,7 +12,9 @@ import torch
 from anytext2_lcm.distill.checkpoints import CheckpointManager, CheckpointReader
 from anytext2_lcm.distill.trainer import NonFiniteTrainingError, Trainer, train
 
-from distill_helpers import assert_same_tensors, base_config, make_config, metrics, tiny_dataset, trainable, write_yaml
+from distill_helpers import (assert_same_tensors, base_config, make_config, metrics, tiny_dataset, trainable,
+                             write_yaml)
+from distill_helpers import one_thread  # noqa: F401  (autouse: one intra-op thread in this module)
 
 RUN = ("train.max_steps=3", "checkpoint.every_n_steps=1", "checkpoint.keep_last=5", "optim.lr_scheduler=linear")
 

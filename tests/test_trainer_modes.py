@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from anytext2_lcm.distill.trainer import Trainer, train
 
 from distill_helpers import base_config, make_config, metrics, tiny_dataset, write_yaml
+from distill_helpers import one_thread  # noqa: F401  (autouse: one intra-op thread in this module)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_teacher_objective_by_hand(data, tmp_path):
     from anytext2_lcm.distill.batch import prepare_batch
     from anytext2_lcm.distill.data import build_loader
     from anytext2_lcm.distill.teacher import TeacherMethod, TeacherNet
-    from anytext2_lcm.distill.trainer import build_teacher
+    from anytext2_lcm.distill.components import build_teacher
 
     cfg = make_config(data, tmp_path, "method=teacher", "train.batch_size=4")
     model = build_teacher(cfg.model)
@@ -102,7 +103,7 @@ def test_teacher_objective_by_hand(data, tmp_path):
 def test_train_teacher_command_and_distill_from_its_result(data, tmp_path):
     from anytext2_lcm.checkpoint import load_model
     from anytext2_lcm.cli import main
-    from anytext2_lcm.distill.trainer import build_teacher
+    from anytext2_lcm.distill.components import build_teacher
 
     cfg = base_config(data, tmp_path / "teacher")
     cfg["method"] = "teacher"

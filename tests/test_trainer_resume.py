@@ -14,6 +14,7 @@ from anytext2_lcm.distill.trainer import train
 
 from distill_helpers import (assert_same_tensors, base_config, checkpoint_dirs, cli_env, losses, make_config,
                              metrics, start_cli, tiny_dataset, trainable, wait_for, write_yaml)
+from distill_helpers import one_thread  # noqa: F401  (autouse: one intra-op thread in this module)
 
 N_REF, ACCUM = 8, 2
 REF_RUN = (f"train.max_steps={N_REF}", f"train.gradient_accumulation_steps={ACCUM}", "checkpoint.every_n_steps=1",
@@ -67,7 +68,7 @@ def test_stop_and_resume_is_bit_exact(k, data, reference, tmp_path):
 def test_resume_refuses_other_structure_or_teacher(data, tmp_path):
     from anytext2_lcm.checkpoint import CheckpointError, save_converted
     from anytext2_lcm.config import ConfigError
-    from anytext2_lcm.distill.trainer import build_teacher
+    from anytext2_lcm.distill.components import build_teacher
     from anytext2_lcm.distill.config import ModelSection
 
     teacher = tmp_path / "teacher"

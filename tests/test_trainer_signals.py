@@ -15,6 +15,7 @@ from anytext2_lcm.distill.checkpoints import CheckpointManager, CheckpointReader
 
 from distill_helpers import (base_config, checkpoint_dirs, free_port, metrics, start_cli, start_rank, tiny_dataset,
                              wait_for, write_yaml)
+from distill_helpers import one_thread  # noqa: F401  (autouse: one intra-op thread in this module)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 
 Both read a YAML config (``configs/distill_tiny.yaml``, ``configs/distill_sd15.yaml``) with optional overrides::
 
-    anytext2-lcm distill --config configs/distill_sd15.yaml --resume latest train.max_steps=2000 --set optim.learning_rate=5e-5
+    anytext2-lcm distill --config configs/distill_sd15.yaml --resume latest train.max_steps=2000 \
+        --set optim.learning_rate=5e-5
     accelerate launch --multi_gpu --num_processes 8 -m anytext2_lcm.cli distill --config ... --resume latest
     anytext2-lcm train-teacher --config configs/teacher_tiny.yaml
 

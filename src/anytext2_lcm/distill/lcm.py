@@ -98,7 +98,7 @@ def lcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, cond: DistillCond
         ``StepOutput`` with the loss and, in ``tensors``: index, start, end, w, x_t, student, x_prev, target.
     """
     x0 = tb.latents
-    B, device = x0.shape[0], x0.device
+    device = x0.device
     image_context = cond.teacher.cond.image_context
 
     # 1. Skipping-step pair on the DDIM grid (Alg. 1, k = T / N): i ~ U{0..N−1}, t_{n+k} = grid[i],

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -29,26 +29,25 @@ rank skips. Validation runs on the main process between two barriers.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn as nn
 
-from ..checkpoint import CheckpointError, is_converted, load_model
-from ..config import ConfigError, preset
+from ..checkpoint import CheckpointError
+from ..config import ConfigError
 from ..data.skips import TooManySkipsError
 from .batch import Method, prepare_batch
 from .checkpoints import CheckpointManager, CheckpointReader, checkpoint_name
+from .components import (StopSignals, build_teacher, enable_gradient_checkpointing, flatten, load_trainable,
+                         make_optimizer, teacher_fingerprint, trainable_state)
 from .config import TrainConfig, dump_yaml
 from .data import build_loader
 from .lcm import LCMMethod
@@ -83,135 +82,6 @@ class RunResult:
     losses: list[tuple[int, float]] = field(default_factory=list)
     outputs: list[Path] = field(default_factory=list)
     checkpoint: Path | None = None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Building blocks
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def teacher_fingerprint(path: str | None, model_section) -> str:
-    """Identity of the frozen starting weights: a converted folder's manifest hashes, a file's sha256, or the
-    random-initialisation recipe."""
-    if path is None:
-        m = model_section
-        return f"random:{m.preset}:{m.init}:{m.init_seed}:torch-{torch.__version__.split('+')[0]}"
-    p = Path(path)
-    h = hashlib.sha256()
-    if is_converted(p):
-        files = json.loads((p / "manifest.json").read_text())["files"]
-        h.update(json.dumps({k: v["sha256"] for k, v in files.items()}, sort_keys=True).encode())
-    else:
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
-def build_teacher(section) -> nn.Module:
-    """The teacher ``AnyText2`` (CPU, fp32) as ``model`` describes it (see ``ModelSection``)."""
-    from ..models.anytext2 import AnyText2
-    from ..models.init import initialize
-
-    if section.teacher is not None:
-        return load_model(section.teacher, preset(section.preset))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(section.init_seed)
-        model = AnyText2(preset(section.preset))
-    if section.init == "original":
-        initialize(model, section.init_seed)
-    return model
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> int:
-    """Recompute each UNet / WriteNet block in the backward pass (``torch.utils.checkpoint``, non-reentrant, which
-    works with frozen base weights, unlike ldm's helper — DESIGN trap 11).
-
-    The blocks' ``forward`` is wrapped per instance, so module names (hence LoRA keys) do not change. Returns the
-    number of wrapped blocks.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    blocks = [*model.unet.input_blocks, model.unet.middle_block, *model.unet.output_blocks,
-              *model.control_model.input_blocks, model.control_model.middle_block]
-    for block in blocks:
-        inner = block.forward
-
-        def forward(*args, _inner=inner, **kwargs):
-            if torch.is_grad_enabled():
-                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-            return _inner(*args, **kwargs)
-
-        block.forward = forward
-    return len(blocks)
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What training changes: parameters that require grad, and the buffers of modules in training mode (BatchNorm
-    statistics of a teacher run's font OCR), by model name, detached on the CPU."""
-    out = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    for mname, m in model.named_modules():
-        if m.training:
-            for bname, b in m.named_buffers(prefix=mname, recurse=False):
-                out[bname] = b.detach().cpu()
-    return out
-
-
-def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy checkpointed trainable tensors into ``model``; every trainable tensor must be there, nothing else."""
-    expected = trainable_state(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: trainable tensors do not match this run (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
-    named = dict(model.named_parameters())
-    named.update(dict(model.named_buffers()))
-    with torch.no_grad():
-        for k, v in tensors.items():
-            t = named[k]
-            if t.shape != v.shape:
-                raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, the model {tuple(t.shape)}")
-            t.copy_(v.to(device=t.device, dtype=t.dtype))
-
-
-def make_optimizer(params: list[nn.Parameter], o) -> torch.optim.Optimizer:
-    kwargs = dict(lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
-                  weight_decay=o.weight_decay)
-    if o.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
-
-
-class StopSignals:
-    """SIGTERM/SIGINT handlers that only set a flag; a second signal exits immediately (128 + signal).
-
-    Installed only in the main thread (signal handlers cannot be set elsewhere); the previous handlers come back on
-    exit from the ``with`` block.
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old: dict[int, object] = {}
-
-    def _handler(self, signum, frame):
-        if self.signum is not None:
-            os._exit(128 + signum)  # second signal: leave now; the last complete checkpoint is untouched
-        self.signum = signum
-        log.warning("received %s: finishing the current micro-step, then saving a checkpoint",
-                    signal.Signals(signum).name)
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,7 +220,7 @@ class Trainer:
             self._truncate_metrics()
         if cfg.logging.tensorboard:
             flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                    for k, v in _flatten(cfg.to_dict()).items()}
+                    for k, v in flatten(cfg.to_dict()).items()}
             kwargs = {"tensorboard": {"purge_step": self.state.global_step + 1}} if self.resume_from else {}
             acc.init_trackers("train", config=flat, init_kwargs=kwargs)
         n = sum(p.numel() for p in params)
@@ -469,7 +339,7 @@ class Trainer:
         return RunResult(code, self.state, self.losses, outputs, self.last_checkpoint)
 
     def _loop(self, signals: StopSignals) -> int:
-        cfg, acc, s = self.cfg, self.accelerator, self.state
+        cfg, s = self.cfg, self.state
         t = cfg.train
         ga = t.gradient_accumulation_steps
         bar = None
@@ -601,17 +471,6 @@ class Trainer:
                 f"Lower optim.learning_rate, use bf16 instead of fp16, or inspect the data.")
         return {"loss": step_loss, "lr": lr, "grad_norm": norm, "skipped_samples": float(s.skipped_samples),
                 "nonfinite_steps": float(s.nonfinite_steps), "overflow_steps": float(s.overflow_steps)}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def train(cfg: TrainConfig, fault: Callable[[str], None] | None = None,
