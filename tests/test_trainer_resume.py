@@ -113,6 +113,7 @@ def test_kill9_at_random_steps_then_resume(data, reference, tmp_path):
     assert proc.wait(180) == 0, log.read_text()[-3000:]
     assert f"resumed from {before}" in log.read_text()
     assert losses(out) == losses(ref_out), f"kill steps {targets} (seed {seed})"
+    print(f"kill -9 at steps {targets} (seed {seed}): {len(losses(out))} losses and the final weights are identical")
     final = checkpoint_dirs(out)[-1]
     assert final.name == f"checkpoint-{N_REF:06d}"
     assert_same_tensors(trainable(final), trainable(ref.checkpoint))

@@ -72,13 +72,19 @@ def has_writenet_lora(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def distill_conditions(model: nn.Module, tb: TrainBatch, a_prompt: str, n_prompt: str) -> DistillConditions:
-    """Line embeddings, CLIP contexts and WriteNet residuals for cond and uncond: one batched WriteNet call."""
+def distill_conditions(model: nn.Module, tb: TrainBatch, a_prompt: str, n_prompt: str,
+                       writenet_lora: bool | None = None) -> DistillConditions:
+    """Line embeddings, CLIP contexts and WriteNet residuals for cond and uncond: one batched WriteNet call.
+
+    ``writenet_lora``: whether a LoRA sits in the WriteNet (None: look it up).
+    """
     B = tb.batch_size
     img_prompts = [c + ", " + a_prompt if a_prompt else c for c in tb.img_captions]
     with disable_adapters(model):
         branches = encode_branches(model, tb.text_info, img_prompts, tb.text_captions, [n_prompt] * B, [""] * B)
-    return DistillConditions(branches, None if has_writenet_lora(model) else branches.control_cond)
+    if writenet_lora is None:
+        writenet_lora = has_writenet_lora(model)
+    return DistillConditions(branches, None if writenet_lora else branches.control_cond)
 
 
 def lcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, cond: DistillConditions, solver: DDIMSolver,
@@ -162,6 +168,7 @@ class LCMMethod(Method):
         super().__init__(cfg)
         self.schedule = None
         self.solver = None
+        self.writenet_lora = False
 
     def configure_model(self, model: nn.Module) -> list[nn.Parameter]:
         d = self.cfg.distill
@@ -169,6 +176,7 @@ class LCMMethod(Method):
         self.solver = DDIMSolver(self.schedule, d.num_ddim_timesteps)
         spec: LoraSpec = self.cfg.lora
         apply_lora(model, spec)
+        self.writenet_lora = has_writenet_lora(model)
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
             p.data = p.data.float()  # fp32 master weights whatever the base dtype
@@ -187,7 +195,7 @@ class LCMMethod(Method):
 
     def step(self, net: nn.Module, model: nn.Module, tb: TrainBatch) -> StepOutput:
         d = self.cfg.distill
-        cond = distill_conditions(model, tb, d.a_prompt, d.n_prompt)
+        cond = distill_conditions(model, tb, d.a_prompt, d.n_prompt, self.writenet_lora)
         return lcm_step(net, model, tb, cond, self.solver, self.schedule, d.guidance_scale_range, d.loss, d.huber_c,
                         d.text_loss_weight, d.timestep_scaling, d.sigma_data, d.control_strength, d.attnx_scale)
 
