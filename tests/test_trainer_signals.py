@@ -112,3 +112,30 @@ def test_sigterm_on_one_of_two_ranks_stops_both_at_the_same_step(data, tmp_path)
                 p.kill()
     assert codes == [0, 0], [lg.read_text()[-1500:] for lg in logs2]
     assert [m["step"] for m in metrics(out)] == list(range(1, stop + 3))
+
+
+def test_sigint_in_process_stops_with_130_and_restores_handlers(data, tmp_path):
+    """SIGINT (Ctrl-C) takes the same path: finish the micro-step, save, return 128 + 2; the previous handlers are
+    back afterwards."""
+    import os
+
+    from anytext2_lcm.distill.trainer import Trainer
+
+    from distill_helpers import make_config
+
+    before = signal.getsignal(signal.SIGINT)
+    trainer = Trainer(make_config(data, tmp_path, "train.max_steps=10", "train.gradient_accumulation_steps=2"))
+    trainer.setup()
+    original = trainer._micro_step
+
+    def micro_step(batch, ga):
+        original(batch, ga)
+        if trainer.state.micro_step == 3:  # inside the second accumulation window
+            os.kill(os.getpid(), signal.SIGINT)
+
+    trainer._micro_step = micro_step
+    result = trainer.run()
+    assert result.exit_code == 130
+    assert result.checkpoint.name == "checkpoint-000001-m1"
+    assert (result.checkpoint / "grads_rank0.safetensors").is_file()
+    assert signal.getsignal(signal.SIGINT) is before
