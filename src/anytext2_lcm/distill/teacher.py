@@ -24,6 +24,10 @@ from ..samplers.schedule import NoiseSchedule
 from .batch import Method, StepOutput, TrainBatch, draw_uniform_timesteps, randn_per_sample
 
 PART_PREFIXES = {"writenet": ("control_model.",), "embedding_manager": ("embedding_manager.",)}
+UNUSED = ("embedding_manager.font_predictor.head.",)
+"""Trainable in the original but never in the graph: the font OCR's CTC head (the style embedding reads the neck).
+AdamW skips a parameter without gradient, so freezing it changes nothing, and DDP then needs no unused-parameter
+search."""
 
 
 def is_attnx(name: str) -> bool:
@@ -77,6 +81,8 @@ class TeacherMethod(Method):
 
     def _trains(self, name: str) -> bool:
         parts = self.cfg.teacher_training.trainable
+        if name.startswith(UNUSED):
+            return False
         if "attnx" in parts and is_attnx(name):
             return True
         return any(name.startswith(p) for part in parts for p in PART_PREFIXES.get(part, ()))
