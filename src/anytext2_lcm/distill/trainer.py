@@ -23,7 +23,7 @@ The method (``lcm`` or ``teacher``) supplies what trains and the loss of a micro
 
 Collectives happen in the same order on every rank (per micro-step: a stop-flag all-reduce, a data-abort
 all-reduce; per step: one flag and one sum all-reduce; checkpoint saves), so no rank waits on a collective another
-rank skips. Validation runs on the main process between two barriers.
+rank skips. Validation runs on the main process; a barrier follows it.
 """
 
 from __future__ import annotations
@@ -157,6 +157,7 @@ class Trainer:
     # ---- setup --------------------------------------------------------------------------------------------
 
     def _resume_point(self) -> Path | None:
+        """The checkpoint to resume from (None: fresh start), checked against this run's structure and teacher."""
         resume = self.cfg.checkpoint.resume
         if resume is None:
             if self.ckpt.complete():
@@ -175,18 +176,35 @@ class Trainer:
         if diff:
             raise CheckpointError(f"cannot resume from {path}: it was made with other structural settings ("
                                   + "; ".join(diff) + "); use a new output_dir to start a different run")
+        if saved["teacher"] != self.teacher_id:
+            raise CheckpointError(f"cannot resume from {path}: it was trained from another teacher "
+                                  f"({saved['teacher']}, this run {self.teacher_id})")
         return path
+
+    def _decide_start(self) -> None:
+        """Rank 0 fingerprints the teacher and picks (and verifies) the checkpoint; every rank gets its answer, or
+        its error, so that all start from the same point or all stop."""
+        answer: list = [None, None, None]  # teacher id, resume path, (error class, message)
+        if self.main:
+            try:
+                answer[0] = self.teacher_id = teacher_fingerprint(self.cfg.model.teacher, self.cfg.model)
+                path = self._resume_point()
+                answer[1] = str(path) if path is not None else None
+            except (ConfigError, CheckpointError) as e:
+                answer[2] = (type(e).__name__, str(e))
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(answer, src=0)
+        if answer[2] is not None:
+            raise (ConfigError if answer[2][0] == "ConfigError" else CheckpointError)(answer[2][1])
+        self.teacher_id = answer[0]
+        self.resume_from = Path(answer[1]) if answer[1] is not None else None
 
     def setup(self) -> None:
         cfg, acc = self.cfg, self.accelerator
-        self.resume_from = self._resume_point()  # before anything heavy: a wrong resume fails fast
+        self._decide_start()  # before anything heavy: a wrong resume fails fast
         seed_everything(cfg.train.seed + self.rank)
-        self.teacher_id = teacher_fingerprint(cfg.model.teacher, cfg.model)
-        if self.resume_from is not None:
-            saved = CheckpointReader(self.resume_from).json("train_state.json")
-            if saved["teacher"] != self.teacher_id:
-                raise CheckpointError(f"cannot resume from {self.resume_from}: it was trained from another teacher "
-                                      f"({saved['teacher']}, this run {self.teacher_id})")
         model = build_teacher(cfg.model)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)  # the LoRA initialisation: the same on every rank and resume
