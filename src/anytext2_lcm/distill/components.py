@@ -54,26 +54,13 @@ def build_teacher(section) -> nn.Module:
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> int:
-    """Recompute each UNet / WriteNet block in the backward pass (``torch.utils.checkpoint``, non-reentrant, which
-    works with frozen base weights, unlike ldm's helper — DESIGN trap 11).
-
-    The blocks' ``forward`` is wrapped per instance, so module names (hence LoRA keys) do not change. Returns the
-    number of wrapped blocks.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    blocks = [*model.unet.input_blocks, model.unet.middle_block, *model.unet.output_blocks,
-              *model.control_model.input_blocks, model.control_model.middle_block]
-    for block in blocks:
-        inner = block.forward
-
-        def forward(*args, _inner=inner, **kwargs):
-            if torch.is_grad_enabled():
-                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-            return _inner(*args, **kwargs)
-
-        block.forward = forward
-    return len(blocks)
+    """Recompute each UNet / WriteNet block in the backward pass (the networks' ``gradient_checkpointing`` flag:
+    ``torch.utils.checkpoint``, non-reentrant, which works with frozen base weights, unlike ldm's helper — DESIGN
+    trap 11). Module names (hence LoRA keys) do not change. Returns the number of checkpointed blocks."""
+    model.unet.gradient_checkpointing = True
+    model.control_model.gradient_checkpointing = True
+    return (len(model.unet.input_blocks) + 1 + len(model.unet.output_blocks)
+            + len(model.control_model.input_blocks) + 1)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

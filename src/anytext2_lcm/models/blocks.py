@@ -211,6 +211,19 @@ class SpatialTransformer(nn.Module):
         return x + self.proj_out(h)
 
 
+def run_block(block: nn.Module, checkpointed: bool, *args) -> torch.Tensor:
+    """``block(*args)``, recomputed in the backward pass when ``checkpointed`` and gradients are on.
+
+    Uses ``torch.utils.checkpoint`` in its non-reentrant form, which works with frozen base weights and LoRA
+    (the original's ldm helper does not: DESIGN trap 11).
+    """
+    if checkpointed and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 class TimestepEmbedSequential(nn.Sequential):
     """A sequential container that routes ``emb`` to ResBlocks and ``context`` to SpatialTransformers."""
 

@@ -508,7 +508,8 @@ def crop_by_mask(image: Tensor, mask: np.ndarray) -> Tensor:
     target = np.float32([[0, 0], [width, 0], [width, height], [0, height]])
     if int(width) < 1 or int(height) < 1:
         # The original crashes here (empty crop); keep the pipeline alive with a 1-pixel-wide side instead.
-        logger.warning("crop_by_mask: degenerate rectangle %.2f x %.2f px, cropping at least 1 px", width, height)
+        # debug, not warning: tiny training images hit this often and the crop is still well defined
+        logger.debug("crop_by_mask: degenerate rectangle %.2f x %.2f px, cropping at least 1 px", width, height)
     sim = umeyama(corners, target, estimate_scale=True)
     c, h, w = image.shape
     # affine_grid works in normalised [-1, 1] coordinates and maps output -> input, hence the conjugation

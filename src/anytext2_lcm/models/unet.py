@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..config import UNetConfig
 from .blocks import (ResBlock, SpatialTransformer, TimestepEmbedSequential, Upsample, build_encoder, build_middle,
-                     group_norm, time_embed_mlp, timestep_embedding)
+                     group_norm, run_block, time_embed_mlp, timestep_embedding)
 
 
 class UNet(nn.Module):
@@ -19,11 +19,13 @@ class UNet(nn.Module):
 
     Children in the original's order: ``time_embed``, ``input_blocks``, ``middle_block``, ``output_blocks``, ``out``.
     AttnX lives in the middle block (``mid_attnx``) and in the decoder levels listed in ``output_attnx_level``.
+    Set ``gradient_checkpointing = True`` to recompute each block in the backward pass (training memory).
     """
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
+        self.gradient_checkpointing = False
         mc = cfg.model_channels
         self.time_embed = time_embed_mlp(mc)
         self.input_blocks, ch, chans = build_encoder(cfg, attnx=cfg.input_attnx)
@@ -66,15 +68,16 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
         hs = []
         h = x
+        ckpt = self.gradient_checkpointing
         for block in self.input_blocks:
-            h = block(h, emb, context, attnx_scale, context_mask)
+            h = run_block(block, ckpt, h, emb, context, attnx_scale, context_mask)
             hs.append(h)
-        h = self.middle_block(h, emb, context, attnx_scale, context_mask)
+        h = run_block(self.middle_block, ckpt, h, emb, context, attnx_scale, context_mask)
         if control is not None:
             h = h + control[-1]
         for i, block in enumerate(self.output_blocks):
             skip = hs.pop()
             if control is not None:
                 skip = skip + control[-(i + 2)]
-            h = block(torch.cat([h, skip], dim=1), emb, context, attnx_scale, context_mask)
+            h = run_block(block, ckpt, torch.cat([h, skip], dim=1), emb, context, attnx_scale, context_mask)
         return self.out(h)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..config import WriteNetConfig
-from .blocks import TimestepEmbedSequential, build_encoder, build_middle, time_embed_mlp, timestep_embedding
+from .blocks import TimestepEmbedSequential, build_encoder, build_middle, run_block, time_embed_mlp, timestep_embedding
 
 
 def _hint_encoder(in_ch: int, widths: list[tuple[int, int]]) -> TimestepEmbedSequential:
@@ -36,12 +36,14 @@ class WriteNet(nn.Module):
     """``control_model``: glyph/position/masked-latent hint → 1 + |input_blocks| residuals.
 
     Children in the original's order: ``glyph_block``, ``position_block``, ``fuse_block_za``, ``time_embed``,
-    ``input_blocks``, ``zero_convs``, ``middle_block``, ``middle_block_out``.
+    ``input_blocks``, ``zero_convs``, ``middle_block``, ``middle_block_out``. ``gradient_checkpointing = True``
+    recomputes each block in the backward pass.
     """
 
     def __init__(self, cfg: WriteNetConfig):
         super().__init__()
         self.cfg = cfg
+        self.gradient_checkpointing = False
         mc = cfg.model_channels
         self.glyph_block = _hint_encoder(cfg.glyph_channels, _GLYPH_WIDTHS[cfg.glyph_scale])
         self.position_block = _hint_encoder(cfg.position_channels, _POSITION_WIDTHS)
@@ -80,10 +82,10 @@ class WriteNet(nn.Module):
         h = torch.zeros_like(masked_x)
         outs = []
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
-            h = block(h, emb, context)
+            h = run_block(block, self.gradient_checkpointing, h, emb, context)
             if i == 0:
                 h = h + hint
             outs.append(zero_conv(h, emb))
-        h = self.middle_block(h, emb, context)
+        h = run_block(self.middle_block, self.gradient_checkpointing, h, emb, context)
         outs.append(self.middle_block_out(h, emb))
         return outs
