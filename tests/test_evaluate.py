@@ -60,17 +60,21 @@ def test_evaluate_writes_json_markdown_grids_and_is_deterministic(assets, tmp_pa
     a = _run(assets, tmp_path / "a", "--lora", str(assets / "lora"), "--student-steps", "1,2")
     # JSON: config, dataset, one run per setting, per-sample records
     assert set(a) >= {"config", "dataset", "runs", "samples", "grids"}
-    assert [r["name"] for r in a["runs"]] == ["teacher", "student@1", "student@2"]
+    assert [r["name"] for r in a["runs"]] == ["reference", "teacher", "student@1", "student@2"]
     assert a["dataset"]["samples"] == 3 and a["dataset"]["lines"] == sum(len(s["texts"]) for s in a["samples"])
     assert a["config"]["lora"] is True and a["config"]["size"] == SIZE
     for r in a["runs"]:
         o = r["ocr"]["all"]
+        if r["name"] == "reference":
+            assert o["lines"] == a["dataset"]["lines"] and 0.0 <= o["sen_acc"] <= 1.0
+            continue
         assert o["lines"] == a["dataset"]["lines"]
         assert 0.0 <= o["sen_acc"] <= 1.0 and 0.0 <= o["ned"] <= 1.0
         assert set(r["ocr"]) - {"all"} == set(a["dataset"]["languages"])
         assert r["seconds_per_image"]["mean"] > 0 and r["seconds_per_image"]["images"] == 3
         assert r["failed_samples"] == 0
-    t, s1, s2 = a["runs"]
+    ref, t, s1, s2 = a["runs"]
+    assert ref["fidelity_to_teacher"] is None and ref["seconds_per_image"]["images"] == 0
     assert t["unet_evals_per_image"] == 4 and s1["unet_evals_per_image"] == 1 and s2["eval_count_ratio_vs_teacher"] == 2
     assert t["fidelity_to_teacher"] is None
     for r in (s1, s2):  # a perturbed LoRA: close to the teacher but not identical
@@ -78,7 +82,7 @@ def test_evaluate_writes_json_markdown_grids_and_is_deterministic(assets, tmp_pa
         assert f["images"] == 3 and f["identical_images"] == 0
         assert 5.0 < f["psnr_db"] < 80.0 and -1.0 <= f["ssim"] <= 1.0 and f["latent_mse"] > 0
     for smp in a["samples"]:
-        assert set(smp["reads"]) == {"teacher", "student@1", "student@2"}
+        assert set(smp["reads"]) == {"reference", "teacher", "student@1", "student@2"}
         assert all(len(img) == len(smp["texts"]) for reads in smp["reads"].values() for img in reads)
     # files
     out = tmp_path / "a"
@@ -86,9 +90,9 @@ def test_evaluate_writes_json_markdown_grids_and_is_deterministic(assets, tmp_pa
     assert "| teacher | ddim | 2 |" in md and "student@2" in md and "![grid 0](grids/grid_000.png)" in md
     grid = out / a["grids"][0]
     with Image.open(grid) as im:
-        w, h = im.size  # columns: glyphs | teacher | student@1 | student@2; rows: 3 samples + captions
-        assert w % 4 == 0 and w >= 4 * SIZE and h > 3 * (w // 4)
-    for run in ("teacher", "student_1", "student_2"):
+        w, h = im.size  # columns: glyphs | reference | teacher | student@1 | student@2; rows: 3 samples + captions
+        assert w % 5 == 0 and w >= 5 * SIZE and h > 3 * (w // 5)
+    for run in ("reference", "teacher", "student_1", "student_2"):
         assert len(list((out / "images" / run).glob("*.png"))) == 3
     # a rerun gives the same numbers (only wall-clock times may differ)
     b = _run(assets, tmp_path / "b", "--lora", str(assets / "lora"), "--student-steps", "1,2")
@@ -97,7 +101,7 @@ def test_evaluate_writes_json_markdown_grids_and_is_deterministic(assets, tmp_pa
 
 def test_teacher_against_itself_is_identical(assets, tmp_path):
     doc = _run(assets, tmp_path / "self", "--student-sampler", "ddim", "--student-cfg", "7.5", "--student-steps",
-               "2", "--no-student-images")
+               "2", "--no-student-images", "--no-reference")
     t, s = doc["runs"]
     f = s["fidelity_to_teacher"]
     assert f["psnr_db"] == "inf" and f["identical_images"] == 3 and f["ssim"] == pytest.approx(1.0)
@@ -134,6 +138,22 @@ def test_samples_keep_raw_texts_scale_polygons_and_count_skips(tmp_path):
     assert rep.skipped["no_valid_line"] == 1 and rep.skipped["bad_field_type"] == 1
     assert rep.dropped_lines["quote_in_text"] == 1 and rep.dropped_lines["cut_to_max_chars (kept)"] == 1
     assert text_prompt_for(s.lines) == f'Text says "OPEN" , "{"x" * 20}" . '
+
+
+def test_ocr_path_reads_rendered_lines_with_known_content(tmp_path):
+    """The evaluation's own OCR path (polygon → mask → min-area-rectangle crop → PP-OCRv4) on make-data images,
+    whose lines are rendered text with known content: at least 9 of 10 lines read exactly."""
+    from anytext2_lcm.evaluate.ocr import default_reader
+    from anytext2_lcm.evaluate.runner import _read_reference
+
+    assert main(["make-data", "--out", str(tmp_path / "d"), "--num", "10", "--size", "512", "--seed", "5"]) == 0
+    cfg = EvalConfig(data=str(tmp_path / "d" / "anyword_synth.json"), size=512)
+    samples, _ = load_eval_samples(cfg)
+    per_sample = [{"reads": {}} for _ in samples]
+    rec = _read_reference(samples, per_sample, cfg, default_reader(), tmp_path / "out")
+    exact = sum(p == g for p, g in zip(rec.preds, rec.gts))
+    assert len(rec.gts) >= 20 and exact >= 0.9 * len(rec.gts), list(zip(rec.gts, rec.preds))
+    assert {"Latin", "Chinese"} <= set(rec.langs)
 
 
 def test_psnr_inf_is_written_as_strict_json(tmp_path):

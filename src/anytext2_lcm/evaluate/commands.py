@@ -48,6 +48,9 @@ def register(sub) -> None:
     s.add_argument("--student-sampler", default="lcm", choices=["lcm", "tcd", "pcm", "ddim"])
     s.add_argument("--student-cfg", type=float, default=1.0)
     s.add_argument("--gamma", type=float, default=None, help="TCD gamma")
+    s.add_argument("--num-phases", type=int, default=None, help="PCM: the student's phases")
+    s.add_argument("--phase-convention", default=None, choices=["inference", "official"],
+                   help="PCM: where the student's phase edges are (default: inference)")
     s.add_argument("--a-prompt", default=EVAL_A_PROMPT)
     s.add_argument("--n-prompt", default=EVAL_N_PROMPT)
     s.add_argument("--no-warmup", action="store_true", help="time the first call too")
@@ -56,6 +59,8 @@ def register(sub) -> None:
     o.add_argument("--grid-rows", type=int, default=8, help="samples per grid image")
     o.add_argument("--max-grids", type=int, default=4, help="grid images at most")
     o.add_argument("--no-student-images", action="store_true", help="do not keep student images (only grids)")
+    o.add_argument("--no-reference", action="store_true",
+                   help="do not read the dataset's own images (the 'reference' row)")
     o.add_argument("--ocr-model", default=None, help="PP-OCR recogniser ONNX (default: the one in rapidocr)")
     add_runtime_args(p)
     p.set_defaults(func=_evaluate)
@@ -84,13 +89,18 @@ def _evaluate(args) -> int:
         if args.student_sampler != "tcd":
             raise UsageError("--gamma applies to --student-sampler tcd")
         opts["gamma"] = args.gamma
+    for flag, key in (("num_phases", "num_phases"), ("phase_convention", "convention")):
+        if getattr(args, flag) is not None:
+            if args.student_sampler != "pcm":
+                raise UsageError(f"--{flag.replace('_', '-')} applies to --student-sampler pcm")
+            opts[key] = getattr(args, flag)
     cfg = EvalConfig(data=tuple(args.data), num=args.num, size=args.size, images_per_prompt=args.images_per_prompt,
                      seed=args.seed, teacher_steps=args.teacher_steps, teacher_cfg=args.teacher_cfg,
                      student_steps=args.student_steps, student_sampler=args.student_sampler,
                      student_cfg=args.student_cfg, student_options=opts, max_lines=args.max_lines,
                      max_chars=args.max_chars, source_size=args.source_size, a_prompt=args.a_prompt,
                      n_prompt=args.n_prompt, glyph_font=args.glyph_font, warmup=not args.no_warmup,
-                     save_student_images=not args.no_student_images)
+                     save_student_images=not args.no_student_images, reference=not args.no_reference)
     runtime = runtime_from_args(args)
     reader = TextReader(args.ocr_model)
     device = pick_device(args.device)

@@ -64,6 +64,10 @@ def _f(x, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
 
+def _x(v, digits: int) -> str:
+    return "–" if v is None else f"{v:.{digits}f}×"
+
+
 def results_table(results: dict) -> str:
     """The main table: one row per run."""
     head = ("| run | sampler | steps | CFG | UNet evals / image | Sen.ACC | NED | PSNR vs teacher (dB) | SSIM | "
@@ -78,10 +82,11 @@ def results_table(results: dict) -> str:
         else:
             ps_s = _f(ps, 2)
         rows.append(
-            f"| {r['name']} | {r['sampler']} | {r['steps']} | {_f(r['cfg'], 1)} | {r['unet_evals_per_image']} | "
+            f"| {r['name']} | {r['sampler']} | {r['steps'] or '–'} | {_f(r['cfg'] or None, 1)} | "
+            f"{r['unet_evals_per_image'] or '–'} | "
             f"{_f(o.get('sen_acc'))} | {_f(o.get('ned'))} | {ps_s} | {_f(fid.get('ssim'))} | "
             f"{_f(fid.get('latent_mse'), 4)} | {_f(r['seconds_per_image']['mean'], 2)} | "
-            f"{_f(r['speedup_vs_teacher'], 2)}× | {_f(r['eval_count_ratio_vs_teacher'], 1)}× |")
+            f"{_x(r['speedup_vs_teacher'], 2)} | {_x(r['eval_count_ratio_vs_teacher'], 1)} |")
     return "\n".join(rows)
 
 
@@ -97,7 +102,7 @@ def language_table(results: dict) -> str:
             o = r["ocr"].get(l, {})
             cells += [_f(o.get("sen_acc")), _f(o.get("ned"))]
         rows.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-    n = {l: results["runs"][0]["ocr"].get(l, {}).get("lines", 0) for l in langs}
+    n = {l: max(r["ocr"].get(l, {}).get("lines", 0) for r in results["runs"]) for l in langs}
     return "\n".join(rows) + "\n\nLines per image set: " + ", ".join(f"{l} {v}" for l, v in n.items())
 
 
@@ -130,12 +135,15 @@ def markdown(results: dict) -> str:
         "the same seed and x_T (PSNR/SSIM on [0, 1] images, MSE on final latents). Seconds per image: generator "
         "wall time (rendering, conditioning, sampling, decoding; OCR excluded), mean over samples after an untimed "
         "warm-up; speed-up = teacher's mean / run's mean, measured in this run. Eval-count ratio = the teacher's "
-        "UNet evaluations / the run's (what the step count alone would give).",
+        "UNet evaluations / the run's (what the step count alone would give). The `reference` row reads the "
+        "dataset's own images, resized to the evaluation size, through the same crop and OCR: what the protocol "
+        "gives on real text at this size.",
         "",
     ]
     if results.get("grids"):
         lines += ["## Grids", "",
-                  "Columns: glyphs + positions | teacher | students; under each image the OCR reading per line "
+                  "Columns: glyphs + positions | reference (the dataset image) | teacher | students; under each "
+                  "image the OCR reading per line "
                   "(green: every line exact).", ""]
         lines += [f"![grid {i}]({g})" for i, g in enumerate(results["grids"])]
         lines.append("")

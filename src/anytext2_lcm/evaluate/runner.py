@@ -95,6 +95,9 @@ class EvalConfig:
     """One untimed call per run kind before timing (first-call allocations, the blank-image posterior)."""
     save_student_images: bool = True
     """Write every student image (teacher images are always written: fidelity is computed against them)."""
+    reference: bool = True
+    """Also read the dataset's own images (resized to ``size``) with the same OCR path: the "reference" run, what
+    the protocol gives on real text at this size (needs the image files)."""
 
     def __post_init__(self) -> None:
         from ..config import ConfigError
@@ -146,6 +149,8 @@ class EvalSample:
     lines: list[EvalLine]
     seed: int
     source: str
+    image_path: str | None = None
+    """The row's image when it exists (read as the "reference" run)."""
 
 
 @dataclass
@@ -197,6 +202,7 @@ def load_eval_samples(cfg: EvalConfig) -> tuple[list[EvalSample], LoadReport]:
                 log.warning("skipping %s: %s (%s)", row.source, row.reason, row.detail)
                 continue
             wh = _image_size(row.img_path)
+            img_path = row.img_path if wh is not None else None
             if wh is None:
                 wh = (cfg.source_size, cfg.source_size)
                 rep.assumed_size += 1
@@ -223,7 +229,7 @@ def load_eval_samples(cfg: EvalConfig) -> tuple[list[EvalSample], LoadReport]:
                 continue
             idx = len(samples)
             samples.append(EvalSample(idx, str(raw.get("img_name", idx)), row.caption.strip(), lines,
-                                      cfg.seed + idx, row.source))
+                                      cfg.seed + idx, row.source, img_path))
         if cfg.num is not None and len(samples) >= cfg.num:
             break
     return samples, rep
@@ -429,6 +435,10 @@ def evaluate(model, cfg: EvalConfig, out: str | os.PathLike, reader=None, runtim
         L.unmerge_lora(model)
 
     runs = [_summarise(records[s.name], charset, records["teacher"]) for s in specs]
+    if cfg.reference:
+        ref = _read_reference(samples, per_sample, cfg, reader, out)
+        if ref.gts:
+            runs.insert(0, _summarise(ref, charset, None))
     return {
         "config": _config_doc(cfg, model, runtime, has_lora, merge_lora_for_students, reader),
         "dataset": {"files": load_rep.files, "rows_read": load_rep.rows, "samples": len(samples),
@@ -471,7 +481,29 @@ def _mean(v: Sequence[float]) -> float | None:
     return float(sum(v) / len(v)) if v else None
 
 
-def _summarise(rec: _RunRecord, charset, teacher: _RunRecord) -> dict:
+def _read_reference(samples: list[EvalSample], per_sample: list[dict], cfg: EvalConfig, reader, out: Path
+                    ) -> _RunRecord:
+    """Read the lines of the dataset's own images at the evaluation size (the OCR path's reference figure)."""
+    from PIL import Image
+
+    rec = _RunRecord(RunSpec("reference", "-", 0, 0.0))
+    img_dir = out / "images" / "reference"
+    for s, rec_s in zip(samples, per_sample):
+        if s.image_path is None:
+            continue
+        with Image.open(s.image_path) as im:
+            img = np.array(im.convert("RGB").resize((cfg.size, cfg.size), Image.BICUBIC))
+        img_dir.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(img_dir / f"{s.index:05d}_0.png")
+        reads = reader.read_lines(img, _masks([ln.polygon for ln in s.lines], cfg.size))
+        rec_s["reads"]["reference"] = [reads]
+        rec.preds += reads
+        rec.gts += [ln.text for ln in s.lines]
+        rec.langs += [ln.language for ln in s.lines]
+    return rec
+
+
+def _summarise(rec: _RunRecord, charset, teacher: _RunRecord | None) -> dict:
     ocr = {}
     if rec.gts:
         ocr["all"] = {"lines": len(rec.gts), "sen_acc": sentence_accuracy(rec.preds, rec.gts),
@@ -484,20 +516,21 @@ def _summarise(rec: _RunRecord, charset, teacher: _RunRecord) -> dict:
     spi = {"mean": _mean(rec.seconds), "median": statistics.median(rec.seconds) if rec.seconds else None,
            "images": len(rec.seconds), "phases_mean": {k: _mean(v) for k, v in rec.phases.items()}}
     fid = None
-    if rec.spec.name != "teacher":
+    if rec.spec.name not in ("teacher", "reference"):
         finite = [p for p in rec.psnr if math.isfinite(p)]
         fid = {"psnr_db": _mean(rec.psnr) if rec.psnr else None,
                "psnr_db_finite_mean": _mean(finite),
                "identical_images": sum(1 for p in rec.psnr if p == math.inf),
                "ssim": _mean(rec.ssim), "latent_mse": _mean(rec.latent_mse), "images": len(rec.psnr)}
     speed = None
-    if rec.seconds and teacher.seconds:
+    if teacher is not None and rec.seconds and teacher.seconds:
         speed = _mean(teacher.seconds) / _mean(rec.seconds)
     return {"name": rec.spec.name, "sampler": rec.spec.sampler, "steps": rec.spec.steps, "cfg": rec.spec.cfg,
             "sampler_options": dict(rec.spec.options), "lora": rec.spec.lora,
             "unet_evals_per_image": rec.spec.unet_evals, "ocr": ocr, "fidelity_to_teacher": fid,
             "seconds_per_image": spi, "speedup_vs_teacher": speed,
-            "eval_count_ratio_vs_teacher": teacher.spec.unet_evals / rec.spec.unet_evals,
+            "eval_count_ratio_vs_teacher": (teacher.spec.unet_evals / rec.spec.unet_evals
+                                            if teacher is not None and rec.spec.unet_evals else None),
             "ocr_seconds_total": rec.ocr_seconds, "failed_samples": rec.failed}
 
 
