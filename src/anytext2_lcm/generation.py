@@ -431,6 +431,7 @@ class Generator:
             opts.setdefault("eta", req.eta)
         try:
             sampler = make_sampler(req.sampler, schedule, **opts)
+            sampler.timesteps(req.steps)  # a step count the sampler refuses (PCM phases) is an input error
         except ValueError as e:
             raise InputError(str(e)) from None
         h, w = prep.height // 8, prep.width // 8

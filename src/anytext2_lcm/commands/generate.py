@@ -37,6 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--steps", type=int, default=None, help="default: 20 for ddim, 4 for students")
     s.add_argument("--cfg", type=float, default=None, help="CFG scale (default: 7.5 for ddim, 1 (off) for students)")
     s.add_argument("--gamma", type=float, default=None, help="TCD gamma (0 = deterministic)")
+    s.add_argument("--num-phases", type=int, default=None,
+                   help="PCM: the student's phases (steps must divide it or be a multiple of it)")
+    s.add_argument("--phase-convention", default=None, choices=["inference", "official"],
+                   help="PCM: where the student's phase edges are (default: inference)")
+    s.add_argument("--original-steps", type=int, default=None,
+                   help="lcm/tcd/pcm: points of the student's distillation grid (distill.num_ddim_timesteps; "
+                        "default 50)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     s.add_argument("--strength", type=float, default=1.0, help="WriteNet control strength")
     s.add_argument("--attnx-scale", type=float, default=1.0)
@@ -91,6 +98,15 @@ def _generate(args) -> int:
         if args.sampler != "tcd":
             raise UsageError("--gamma applies to --sampler tcd")
         opts["gamma"] = args.gamma
+    for flag, key in (("num_phases", "num_phases"), ("phase_convention", "convention")):
+        if getattr(args, flag) is not None:
+            if args.sampler != "pcm":
+                raise UsageError(f"--{flag.replace('_', '-')} applies to --sampler pcm")
+            opts[key] = getattr(args, flag)
+    if args.original_steps is not None:
+        if args.sampler == "ddim":
+            raise UsageError("--original-steps applies to the student samplers (lcm, tcd, pcm)")
+        opts["original_steps"] = args.original_steps
     try:
         req = GenerationRequest(
             prompt=args.prompt, text_prompt=args.text_prompt,

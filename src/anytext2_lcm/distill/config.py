@@ -4,12 +4,13 @@
 sections are the fields of :class:`TrainConfig` (``configs/distill_tiny.yaml``, ``configs/distill_sd15.yaml`` are
 complete examples)::
 
-    method: lcm                 # lcm (distillation) | teacher (AnyText2's own objective); pcm comes later
+    method: lcm                 # lcm | pcm (distillation) | teacher (AnyText2's own objective)
     output_dir: runs/lcm
     model:      {teacher: path/to/converted, preset: sd15}
     data:       {json_paths: [...], image_size: 512, ...}   # anytext2_lcm.data.anyword.DataConfig
     lora:       {rank: 64, alpha: 64, targets: lcm}         # anytext2_lcm.lora.LoraSpec
     distill:    {guidance_scale_range: [7.0, 8.0], loss: huber, huber_c: 0.001, ...}
+    pcm:        {num_phases: 4, convention: inference, cfg_free_teacher: false, empty_prompt_fraction: 0.1}
     teacher_training: {trainable: [writenet, embedding_manager, attnx]}
     optim:      {learning_rate: 1.0e-4, lr_scheduler: constant, lr_warmup_steps: 500, ...}
     train:      {max_steps: 1000, batch_size: 4, gradient_accumulation_steps: 1, mixed_precision: bf16, ...}
@@ -40,9 +41,12 @@ from ..config import PRESETS, ConfigError
 from ..data.anyword import DataConfig
 from ..lora import LoraSpec
 from ..pipeline import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
+from ..samplers.pcm import PCM_CONVENTIONS
 
-METHODS = ("lcm", "teacher")
-"""Training objectives this trainer runs (``pcm`` will be added beside ``lcm``)."""
+METHODS = ("lcm", "pcm", "teacher")
+"""Training objectives this trainer runs."""
+DISTILL_METHODS = ("lcm", "pcm")
+"""The methods that distil a LoRA student from the frozen teacher."""
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LOSSES = ("huber", "l2")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -146,6 +150,44 @@ class DistillSection:
         _check(_is_num(self.control_strength) and self.control_strength >= 0, "distill.control_strength",
                self.control_strength, "must be >= 0")
         _check(_is_num(self.attnx_scale), "distill.attnx_scale", self.attnx_scale, "must be a number")
+
+
+@dataclass(kw_only=True)
+class PCMSection:
+    """Phased consistency distillation (``method: pcm``; Wang et al. 2024, arXiv 2405.18407). Shares the solver grid,
+    the guidance range, the loss and the prompts of ``distill``."""
+
+    num_phases: int = 4
+    """Phases M the ODE trajectory is split into; the student maps every point of a phase to the phase's lower edge
+    and is sampled deterministically at M steps (or a divisor / multiple of M: ``--sampler pcm --num-phases M``)."""
+    convention: str = "inference"
+    """Where the phase edges are: "inference" (at the M-step LCM timesteps, 4 → 999, 759, 499, 259 → 0) or
+    "official" (the PCM code's placement, 4 → 999, 739, 499, 239 → 0). The sampler must use the same one."""
+    cfg_free_teacher: bool = False
+    """true: the teacher runs without guidance (cond branch only, the official ``--not_apply_cfg_solver``) and a
+    fraction of samples get empty prompts, so the student keeps the teacher's unguided ODE and is sampled with real
+    CFG and negative prompts (``--cfg 7.5 --n-prompt ...``, 2 UNet passes per step). false: the teacher is guided
+    with ``distill.guidance_scale_range`` like LCM and the student is sampled without CFG."""
+    empty_prompt_fraction: float = 0.1
+    """With ``cfg_free_teacher``: probability that a sample's prompts are replaced by empty ones (image prompt
+    ``empty_image_prompt``, text prompt ""; glyphs, positions and masked image kept, as in AnyText2's uncond branch)
+    for the student, the teacher and the target alike, so that the uncond branch of CFG is learnt too. The official
+    SD1.5 CFG-free example uses 0.15. Ignored without ``cfg_free_teacher``."""
+    empty_image_prompt: str = ""
+    """Image prompt of a sample whose prompts were emptied ("" as the official code; the negative prompt you sample
+    with trains that exact uncond branch instead)."""
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.num_phases) and 1 <= self.num_phases, "pcm.num_phases", self.num_phases,
+               "must be an integer >= 1")
+        _check(self.convention in PCM_CONVENTIONS, "pcm.convention", self.convention,
+               f"must be one of {PCM_CONVENTIONS}")
+        _check(isinstance(self.cfg_free_teacher, bool), "pcm.cfg_free_teacher", self.cfg_free_teacher,
+               "must be true or false")
+        _check(_is_num(self.empty_prompt_fraction) and 0.0 <= self.empty_prompt_fraction <= 1.0,
+               "pcm.empty_prompt_fraction", self.empty_prompt_fraction, "must lie in [0, 1]")
+        _check(isinstance(self.empty_image_prompt, str), "pcm.empty_image_prompt", self.empty_image_prompt,
+               "must be a string")
 
 
 @dataclass(kw_only=True)
@@ -373,7 +415,8 @@ class TrainConfig:
     """A whole training run (``distill`` or ``train-teacher``)."""
 
     method: str = "lcm"
-    """Objective: "lcm" (LCM-LoRA distillation from the frozen teacher) or "teacher" (AnyText2's own objective)."""
+    """Objective: "lcm" (LCM-LoRA distillation from the frozen teacher), "pcm" (phased consistency distillation,
+    section ``pcm``) or "teacher" (AnyText2's own objective)."""
     output_dir: str = "runs/distill"
     """Run folder: checkpoints/, logs/ (TensorBoard), metrics.jsonl, validation/, config.yaml and the results
     (adapter/ + adapter.safetensors; a teacher run: model/)."""
@@ -383,6 +426,7 @@ class TrainConfig:
     lora: LoraSpec = field(default_factory=LoraSpec)
     """The student adapter (``anytext2_lcm.lora.LoraSpec``); unused by ``method: teacher``."""
     distill: DistillSection = field(default_factory=DistillSection)
+    pcm: PCMSection = field(default_factory=PCMSection)
     teacher_training: TeacherTrainingSection = field(default_factory=TeacherTrainingSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -400,7 +444,10 @@ class TrainConfig:
         T = 1000  # every preset's diffusion.timesteps; the grid must tile it
         n = self.distill.num_ddim_timesteps
         _check(n <= T and T % n == 0, "distill.num_ddim_timesteps", n, f"must divide the {T} training timesteps")
-        if self.method == "lcm":
+        if self.method == "pcm":
+            _check(self.pcm.num_phases <= n, "pcm.num_phases", self.pcm.num_phases,
+                   f"must not exceed distill.num_ddim_timesteps ({n}): every phase needs a grid point")
+        if self.method in DISTILL_METHODS:
             _check(not self.lora.train_embedding_manager, "lora.train_embedding_manager",
                    self.lora.train_embedding_manager,
                    "must be false for distillation: the teacher shares the embedding manager, training it would "
@@ -443,6 +490,8 @@ class TrainConfig:
             s.update({"lora.rank": self.lora.rank, "lora.alpha": float(self.lora.alpha),
                       "lora.targets": self.lora.targets if isinstance(self.lora.targets, str)
                       else list(self.lora.targets), "lora.zero_convs": self.lora.zero_convs})
+        if self.method == "pcm":  # the phases give the trained adapter its meaning (where it jumps to)
+            s.update({"pcm.num_phases": self.pcm.num_phases, "pcm.convention": self.pcm.convention})
         return s
 
     def fingerprint(self) -> str:

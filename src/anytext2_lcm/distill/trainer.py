@@ -1,7 +1,7 @@
 """The training loop on Accelerate: one process, many GPUs or many nodes (``accelerate launch``), CPU included.
 
 :func:`train` runs a :class:`~.config.TrainConfig` to the end (or to a preemption) and returns a :class:`RunResult`.
-The method (``lcm`` or ``teacher``) supplies what trains and the loss of a micro-step; this file does the rest:
+The method (``lcm``, ``pcm``, ``teacher``) supplies what trains and the loss of a micro-step; this file does the rest:
 
 * **Data**: the AnyWord reader with an epoch-seeded order sharded by rank (``data.collate.EpochSampler``); the
   position inside the epoch, the epoch and the skip counters are checkpointed per rank. Per-sample randomness comes
@@ -51,13 +51,14 @@ from .components import (StopSignals, build_teacher, enable_gradient_checkpointi
 from .config import TrainConfig, dump_yaml
 from .data import build_loader
 from .lcm import LCMMethod
+from .pcm import PCMMethod
 from .state import TrainState, WindowState, capture_rng, restore_rng, seed_everything
 from .teacher import TeacherMethod
 
 log = logging.getLogger(__name__)
 
-METHODS: dict[str, type[Method]] = {"lcm": LCMMethod, "teacher": TeacherMethod}
-"""Method name → implementation (a PCM method registers here)."""
+METHODS: dict[str, type[Method]] = {"lcm": LCMMethod, "pcm": PCMMethod, "teacher": TeacherMethod}
+"""Method name → implementation."""
 EXIT_PREEMPTED = 143
 
 

@@ -37,13 +37,17 @@ def render_validation(model, cfg, out_dir: Path, step: int) -> dict[str, np.ndar
     folder = Path(out_dir) / f"step-{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     gen = Generator(model)
+    options = {}
+    if v.sampler == "pcm" and cfg.method == "pcm":  # visit exactly the student's phase edges
+        options = {"num_phases": cfg.pcm.num_phases, "convention": cfg.pcm.convention,
+                   "original_steps": cfg.distill.num_ddim_timesteps}
     images = {}
     with torch.no_grad():
         for i, p in enumerate(prompts):
             for n in v.steps:
                 req = GenerationRequest(prompt=p["prompt"], positions=p["positions"] or None, height=v.image_size,
                                         width=v.image_size, seed=v.seed, steps=n, sampler=v.sampler,
-                                        cfg_scale=v.cfg_scale, a_prompt=cfg.distill.a_prompt,
+                                        sampler_options=options, cfg_scale=v.cfg_scale, a_prompt=cfg.distill.a_prompt,
                                         n_prompt=cfg.distill.n_prompt)
                 img = gen(req).images[0]
                 name = f"{i}_{v.sampler}{n}"

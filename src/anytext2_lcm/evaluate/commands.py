@@ -51,6 +51,9 @@ def register(sub) -> None:
     s.add_argument("--num-phases", type=int, default=None, help="PCM: the student's phases")
     s.add_argument("--phase-convention", default=None, choices=["inference", "official"],
                    help="PCM: where the student's phase edges are (default: inference)")
+    s.add_argument("--original-steps", type=int, default=None,
+                   help="lcm/tcd/pcm: points of the student's distillation grid (distill.num_ddim_timesteps; "
+                        "default 50)")
     s.add_argument("--a-prompt", default=EVAL_A_PROMPT)
     s.add_argument("--n-prompt", default=EVAL_N_PROMPT)
     s.add_argument("--no-warmup", action="store_true", help="time the first call too")
@@ -94,6 +97,10 @@ def _evaluate(args) -> int:
             if args.student_sampler != "pcm":
                 raise UsageError(f"--{flag.replace('_', '-')} applies to --student-sampler pcm")
             opts[key] = getattr(args, flag)
+    if args.original_steps is not None:
+        if args.student_sampler == "ddim":
+            raise UsageError("--original-steps applies to the student samplers (lcm, tcd, pcm)")
+        opts["original_steps"] = args.original_steps
     cfg = EvalConfig(data=tuple(args.data), num=args.num, size=args.size, images_per_prompt=args.images_per_prompt,
                      seed=args.seed, teacher_steps=args.teacher_steps, teacher_cfg=args.teacher_cfg,
                      student_steps=args.student_steps, student_sampler=args.student_sampler,

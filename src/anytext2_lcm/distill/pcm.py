@@ -1,0 +1,192 @@
+"""Phased consistency distillation (PCM, Wang et al. 2024, arXiv 2405.18407, §3.1–3.3 and Algorithm 1) for AnyText2,
+beside LCM in the same trainer (``method: pcm``).
+
+What changes against :func:`~.lcm.lcm_step` (everything else — one network with the teacher as the adapters-off
+student, the WriteNet residuals computed once, AnyText2's CFG semantics, the pair (t_{n+k}, t_n) on the N-point
+grid, the per-sample draws, pseudo-Huber — is shared):
+
+* **Phases.** The grid is cut into M phases at the edges E = :func:`~.solver.pcm_phase_edges` (M = 4, "inference"
+  convention: timesteps 759, 499, 259 and 0). Grid index i belongs to the phase of its lower edge
+  e(i) = max{e ∈ E : e ≤ i}.
+* **Student** (PCM eq. 5, hard boundary condition c_skip = 0, c_out = 1): the student's x̂0 and ε at (x_t, t_{n+k})
+  taken by one DDIM (η = 0) jump to the phase edge, ``solver.phase_jump`` — the parameterisation the deterministic
+  sampler uses (:class:`~anytext2_lcm.samplers.PCMSampler`).
+* **Target** (PCM eq. 6): the no-grad student at (x_prev, t_n) jumped to the *same* edge; when i is itself an edge
+  index the teacher's step already ends on the edge and the target is x_prev (c_skip = 1, c_out = 0,
+  :func:`~.solver.pcm_target`). Consistency is thus enforced only inside a phase, never across an edge.
+* **CFG-free teacher** (optional, ``pcm.cfg_free_teacher``; the official ``--not_apply_cfg_solver`` with
+  ``--proportion_empty_prompts``): the teacher's solver step uses the cond branch alone (no uncond pass, w unused)
+  and a fraction of samples get empty prompts for all three passes. The student then follows the teacher's unguided
+  ODE for both prompted and empty inputs, and is sampled with real CFG and negative prompts.
+
+The adversarial consistency term of the paper (§3.4) is not implemented; ``docs/methods.md`` discusses whether it
+would pay off here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..lora import disable_adapters, save_lora
+from ..pipeline import GuidedDenoiser, encode_branches
+from ..samplers.schedule import NoiseSchedule
+from .batch import StepOutput, TrainBatch, randn_per_sample, text_weight_map
+from .lcm import DistillConditions, LCMMethod
+from .losses import huber_loss, l2_loss
+from .solver import (DDIMSolver, imagen_scale_to_lcm_w, lcm_guidance, pcm_phase_edges, pcm_target,
+                     predicted_original_sample, sample_guidance_w)
+
+__all__ = ["PCMMethod", "draw_empty_prompts", "pcm_conditions", "pcm_step"]
+
+
+def draw_empty_prompts(gens: list[torch.Generator], fraction: float) -> list[bool]:
+    """Per sample: empty its prompts with probability ``fraction`` (one uniform from the sample's own generator, so
+    the choice does not depend on the rank or on resuming). ``fraction`` 0 draws nothing and empties nothing."""
+    if fraction <= 0:
+        return [False] * len(gens)
+    return [bool(torch.rand((1,), generator=g) < fraction) for g in gens]
+
+
+@torch.no_grad()
+def pcm_conditions(model: nn.Module, tb: TrainBatch, a_prompt: str, n_prompt: str, empty: list[bool],
+                   cfg_free: bool, empty_image_prompt: str = "", writenet_lora: bool = False) -> DistillConditions:
+    """Contexts and WriteNet residuals of a PCM micro-step (adapters off), one batched WriteNet call.
+
+    Args:
+        empty: per sample, whether its prompts are replaced by (``empty_image_prompt``, "") — the shape of AnyText2's
+            uncond branch; glyphs, positions, font hints, colours and masked_x stay.
+        cfg_free: no uncond branch is encoded (the CFG-free teacher never uses it).
+    """
+    B = tb.batch_size
+    img = [empty_image_prompt if e else (c + ", " + a_prompt if a_prompt else c) for c, e in zip(tb.img_captions,
+                                                                                                 empty)]
+    txt = ["" if e else t for t, e in zip(tb.text_captions, empty)]
+    with disable_adapters(model):
+        branches = encode_branches(model, tb.text_info, img, txt, None if cfg_free else [n_prompt] * B,
+                                   None if cfg_free else [""] * B)
+    return DistillConditions(branches, None if writenet_lora else branches.control_cond)
+
+
+def pcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, solver: DDIMSolver, schedule: NoiseSchedule,
+             edges: torch.Tensor, guidance_scale_range: tuple[float, float], cfg_free: bool = False,
+             empty_prompt_fraction: float = 0.0, empty_image_prompt: str = "", a_prompt: str = "",
+             n_prompt: str = "", writenet_lora: bool = False, loss_type: str = "huber", huber_c: float = 0.001,
+             text_loss_weight: float = 0.0, strength: float = 1.0, attnx_scale: float = 1.0) -> StepOutput:
+    """One PCM consistency-distillation loss (B samples, latents (B, 4, h, w)).
+
+    Args:
+        net: the student's grad-carrying forward (:class:`~.lcm.DenoiserNet`, possibly DDP-wrapped).
+        model: the AnyText2 with its LoRA; the teacher is ``model`` inside ``disable_adapters``.
+        tb: the prepared batch; sample b draws, from ``tb.gens[b]`` and in this order, its grid index, its guidance
+            weight, its noise (exactly LCM's draws, so an LCM and a PCM run with the same seed see the same pairs
+            and noise) and then, with ``cfg_free``, whether its prompts are emptied.
+        edges: (M,) ascending phase-edge indices (:func:`~.solver.pcm_phase_edges`).
+        guidance_scale_range: Imagen-form CFG scale range of the guided teacher (unused with ``cfg_free``).
+        cfg_free: CFG-free teacher with empty prompts at ``empty_prompt_fraction``.
+    Returns:
+        ``StepOutput``; ``tensors``: index, start, end, edge, w, empty, x_t, student, x_prev, target_jump, target.
+    """
+    x0 = tb.latents
+    device = x0.device
+
+    # 1. The draws of LCM (same generators, same order): i ~ U{0..N−1}, w = s − 1, the noise.
+    pairs = [solver.sample_pairs(1, generator=g) for g in tb.gens]
+    index = torch.cat([p.index for p in pairs]).to(device)
+    start = torch.cat([p.start for p in pairs]).to(device)
+    end = torch.cat([p.end for p in pairs]).to(device)
+    lo, hi = (imagen_scale_to_lcm_w(s) for s in guidance_scale_range)
+    w = torch.cat([sample_guidance_w(1, lo, hi, generator=g) for g in tb.gens]).to(device)
+    noise = randn_per_sample(tb.gens, tuple(x0.shape[1:]), device)
+    empty = draw_empty_prompts(tb.gens, empty_prompt_fraction if cfg_free else 0.0)
+    cond = pcm_conditions(model, tb, a_prompt, n_prompt, empty, cfg_free, empty_image_prompt, writenet_lora)
+    image_context = cond.teacher.cond.image_context
+
+    # 2. Forward diffusion to t_{n+k}.
+    x_t = schedule.add_noise(x0, noise, start)
+
+    # 3. Online student with grad, c_skip = 0 / c_out = 1: its DDIM jump from t_{n+k} to the lower edge of i's phase.
+    if cond.student_control is not None:
+        eps = net(x_t, start, image_context, cond.student_control, strength=strength, attnx_scale=attnx_scale)
+    else:
+        eps = net(x_t, start, image_context, None, cond.teacher.cond.text_context, tb.text_info, strength,
+                  attnx_scale)
+    student, edge_t = solver.phase_jump(predicted_original_sample(eps, x_t, start, schedule), eps, index, edges)
+
+    with torch.no_grad():
+        # 4. Teacher (adapters off), one DDIM step t_{n+k} → t_n. CFG-free: the cond branch alone; else guided in
+        #    the LCM form with both branches batched, as in LCM.
+        den = GuidedDenoiser(model, cond.teacher, 1.0, strength, attnx_scale)
+        with disable_adapters(model):
+            if cfg_free:
+                pred_eps = den.cond(x_t, start).float()
+                pred_x0 = predicted_original_sample(pred_eps, x_t, start, schedule)
+            else:
+                eps_c, eps_u = den.split(x_t, start)
+                x0_c = predicted_original_sample(eps_c, x_t, start, schedule)
+                x0_u = predicted_original_sample(eps_u, x_t, start, schedule)
+                pred_x0 = lcm_guidance(x0_c.float(), x0_u.float(), w)
+                pred_eps = lcm_guidance(eps_c.float(), eps_u.float(), w)
+        x_prev = solver.ddim_step(pred_x0, pred_eps, index)
+
+        # 5. Target: the no-grad student at (x_prev, t_n) jumped to the same edge, or x_prev itself where i is an
+        #    edge index (the teacher's step already landed on the edge).
+        control_t = cond.student_control
+        if control_t is None:
+            control_t = model.control(cond.teacher.cond.text_context, tb.text_info)
+        eps_t = model.denoise(x_prev, end, image_context, control_t, strength, attnx_scale)
+        target_jump, _ = solver.phase_jump(predicted_original_sample(eps_t, x_prev, end, schedule), eps_t, index,
+                                           edges)
+        target = pcm_target(x_prev, target_jump, index, edges)
+
+    # 6. Distance, as LCM.
+    weight = text_weight_map(tb.hint, tuple(x0.shape[-2:]), text_loss_weight)
+    if loss_type == "huber":
+        loss = huber_loss(student.float(), target.float(), huber_c, weight)
+    else:
+        loss = l2_loss(student.float(), target.float(), weight)
+    n_empty = sum(empty)
+    return StepOutput(loss, {"w": float(w.mean()), "t": float(start.float().mean()),
+                             "empty_prompts": n_empty / len(empty)},
+                      {"index": index, "start": start, "end": end, "edge": edge_t, "w": w,
+                       "empty": torch.tensor(empty), "x_t": x_t.detach(), "student": student.detach(),
+                       "x_prev": x_prev, "target_jump": target_jump, "target": target})
+
+
+class PCMMethod(LCMMethod):
+    """PCM-LoRA: the LCM-LoRA setup (adapter, frozen teacher, solver) with the phased objective :func:`pcm_step`."""
+
+    name = "pcm"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.edges = None
+
+    def configure_model(self, model: nn.Module) -> list[nn.Parameter]:
+        params = super().configure_model(model)
+        p = self.cfg.pcm
+        self.edges = pcm_phase_edges(p.num_phases, self.solver.num_ddim_timesteps, p.convention)
+        return params
+
+    def step(self, net: nn.Module, model: nn.Module, tb: TrainBatch) -> StepOutput:
+        d, p = self.cfg.distill, self.cfg.pcm
+        return pcm_step(net, model, tb, self.solver, self.schedule, self.edges, d.guidance_scale_range,
+                        p.cfg_free_teacher, p.empty_prompt_fraction, p.empty_image_prompt, d.a_prompt, d.n_prompt,
+                        self.writenet_lora, d.loss, d.huber_c, d.text_loss_weight, d.control_strength,
+                        d.attnx_scale)
+
+    def save_results(self, model: nn.Module, output_dir: Path) -> list[Path]:
+        name = self.cfg.lora.adapter_name
+        p, n = self.cfg.pcm, self.cfg.distill.num_ddim_timesteps
+        # How to sample this adapter, as generate / evaluate flags (kept in the file's metadata for the user).
+        how = f"--sampler pcm --steps {p.num_phases} --num-phases {p.num_phases}"
+        how += f" --phase-convention {p.convention}" if p.convention != "inference" else ""
+        how += f" --original-steps {n}" if n != 50 else ""
+        how += " --cfg 7.5" if p.cfg_free_teacher else " --cfg 1"
+        meta = {"method": self.name, "num_phases": str(p.num_phases), "convention": p.convention,
+                "num_ddim_timesteps": str(n), "cfg_free_teacher": str(p.cfg_free_teacher).lower(),
+                "guidance_scale_range": str(list(self.cfg.distill.guidance_scale_range)), "sampling": how}
+        return [save_lora(model, output_dir / "adapter", name),
+                save_lora(model, output_dir / "adapter.safetensors", name, metadata=meta)]
