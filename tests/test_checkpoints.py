@@ -181,10 +181,10 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path):
     _evil_pickle(path / "optimizer.pt", target)
     # Re-sign the marker so that the checksum does not stop it first: the loader itself must refuse.
     marker = json.loads((path / MARKER).read_text())
-    from anytext2_lcm.distill.checkpoints import _sha256
+    from anytext2_lcm.checkpoint import sha256_file
 
     f = path / "optimizer.pt"
-    marker["files"]["optimizer.pt"] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    marker["files"]["optimizer.pt"] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
     (path / MARKER).write_text(json.dumps(marker))
     mgr.verify(path)
     with pytest.raises(CheckpointError, match="refused"):
@@ -223,11 +223,11 @@ def test_resume_refuses_a_malicious_checkpoint_before_running_it(tmp_path, monke
     ck = CheckpointManager(out / "checkpoints").latest()
     target = tmp_path / "pwned"
     _evil_pickle(ck / "optimizer.pt", target)
-    from anytext2_lcm.distill.checkpoints import _sha256
+    from anytext2_lcm.checkpoint import sha256_file
 
     marker = json.loads((ck / MARKER).read_text())
     marker["files"]["optimizer.pt"] = {"bytes": os.path.getsize(ck / "optimizer.pt"),
-                                       "sha256": _sha256(ck / "optimizer.pt")}
+                                       "sha256": sha256_file(ck / "optimizer.pt")}
     (ck / MARKER).write_text(json.dumps(marker))
     with pytest.raises(CheckpointError, match="refused"):
         train(make_config(data, out, "train.max_steps=2", "checkpoint.resume=latest"))

@@ -91,11 +91,19 @@ def test_table_is_large_enough():
     assert len({f for _, f in INVALID}) >= 15
 
 
-@pytest.mark.parametrize("name", ["distill_tiny.yaml", "distill_sd15.yaml", "teacher_tiny.yaml"])
+@pytest.mark.parametrize("name", ["distill_tiny.yaml", "distill_sd15.yaml", "pcm_sd15.yaml", "teacher_tiny.yaml"])
 def test_example_configs_parse(name):
     cfg = load_config(REPO / "configs" / name, check_files=False)
-    assert cfg.method in ("lcm", "teacher")
+    assert cfg.method == {"distill": "lcm", "pcm": "pcm", "teacher": "teacher"}[name.split("_")[0]]
     assert cfg.train.max_steps >= 1
+
+
+def test_example_accelerate_config_parses():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    c = ClusterConfig.from_yaml_file(REPO / "configs" / "accelerate_multinode.yaml")
+    assert c.distributed_type == "MULTI_GPU" and c.num_machines == 2 and c.num_processes == 16
+    assert c.main_process_port == 29500 and c.mixed_precision == "no"
 
 
 def test_overrides_parse_yaml_values(data_json, tmp_path):

@@ -162,3 +162,28 @@ def test_psnr_inf_is_written_as_strict_json(tmp_path):
     doc = _strict({"a": math.inf, "b": [1.0, -math.inf, math.nan], "c": {"d": 2}})
     assert doc == {"a": "inf", "b": [1.0, "-inf", "nan"], "c": {"d": 2}}
     json.dumps(doc, allow_nan=False)
+
+
+def test_report_embeds_the_distillation_loss_curve(assets, tmp_path):
+    """An adapter inside a distill output folder: the report draws its metrics.jsonl (torn line skipped)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(assets / "lora", run / "adapter")
+    losses = [0.5 / (1 + 0.1 * s) for s in range(1, 41)]
+    lines = [json.dumps({"step": s, "loss": v, "lr": 1e-4}) for s, v in zip(range(1, 41), losses)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n{\"step\": 41, \"lo", encoding="utf-8")
+    doc = _run(assets, tmp_path / "out", "--lora", str(run / "adapter"), "--student-steps", "1")
+    tr = doc["training"]
+    assert tr["steps"] == 40 and tr["window"] == 4 and tr["loss_curve"] == "loss.png"
+    assert tr["loss_first"] == pytest.approx(sum(losses[:4]) / 4) and tr["loss_last"] == pytest.approx(
+        sum(losses[-4:]) / 4)
+    md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "## Distillation run" in md and "![distillation loss](loss.png)" in md
+    with Image.open(tmp_path / "out" / "loss.png") as im:
+        px = np.asarray(im.convert("RGB"))
+        assert im.size == (720, 400) and (px < 200).any()  # something drawn on the white canvas
+    # an explicit folder without metrics is a usage error, before anything is generated
+    assert main(["evaluate", "--model", str(assets / "model"), "--data", str(assets / "data" / "anyword_synth.json"),
+                 "--out", str(tmp_path / "x"), "--train-run", str(tmp_path)]) == 2
+    assert not (tmp_path / "x").exists()

@@ -98,16 +98,21 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, t
         except Exception as e:  # safetensors raises its own error types for bad headers / truncation
             raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({e})") from None
     else:
-        obj = safe_torch_load(path, trust_pickle=trust_pickle)
-        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
-        sd = obj
-    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+        sd = safe_torch_load(path, trust_pickle=trust_pickle)
+    return {k: v for k, v in tensor_dict(sd, path).items() if k not in IGNORED_KEYS}
+
+
+def tensor_dict(obj, path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``{name: tensor}`` inside a loaded file: the object itself or its ``state_dict`` entry (Lightning);
+    anything else, or an entry that is not a tensor, is a CheckpointError naming ``path``."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} entries are not tensors, e.g. {bad[:3]}")
-    return {k: v for k, v in sd.items() if k not in IGNORED_KEYS}
+    return obj
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,7 +199,8 @@ def _check_finite(model: torch.nn.Module, source: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -226,7 +232,7 @@ def save_converted(model: torch.nn.Module, out_dir: str | Path, extra: dict | No
     for name, tensors in groups.items():
         fn = tmp / f"{name}.safetensors"
         save_file(tensors, str(fn), metadata={"component": name})
-        files[fn.name] = {"bytes": fn.stat().st_size, "sha256": _sha256(fn), "tensors": len(tensors)}
+        files[fn.name] = {"bytes": fn.stat().st_size, "sha256": sha256_file(fn), "tensors": len(tensors)}
     (tmp / "config.json").write_text(json.dumps({"model": model.cfg.to_dict(), **(extra or {})}, indent=1))
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "files": files}
@@ -275,7 +281,7 @@ def verify_converted(path: str | Path, full: bool = False) -> dict:
             raise CheckpointError(f"{path}: {name} is missing")
         if fn.stat().st_size != info["bytes"]:
             raise CheckpointError(f"{fn}: size {fn.stat().st_size} != recorded {info['bytes']} (truncated or altered)")
-        if full and _sha256(fn) != info["sha256"]:
+        if full and sha256_file(fn) != info["sha256"]:
             raise CheckpointError(f"{fn}: sha256 differs from the manifest (corrupt or altered)")
     return manifest
 

@@ -78,3 +78,25 @@ def model_from_args(args):
         if getattr(args, "merge_lora", False):
             L.merge_lora(model)
     return model.to(device=device, dtype=dtype).eval(), device, dtype
+
+
+def sampler_options(args, sampler: str, flag: str = "--sampler") -> dict:
+    """The sampler options of ``--gamma``, ``--num-phases``, ``--phase-convention`` and ``--original-steps``, each
+    refused (UsageError) for a sampler it does not apply to; ``flag`` names the sampler option in the message."""
+    from ..cli import UsageError
+
+    opts = {}
+    if args.gamma is not None:
+        if sampler != "tcd":
+            raise UsageError(f"--gamma applies to {flag} tcd")
+        opts["gamma"] = args.gamma
+    for name, key in (("num_phases", "num_phases"), ("phase_convention", "convention")):
+        if getattr(args, name) is not None:
+            if sampler != "pcm":
+                raise UsageError(f"--{name.replace('_', '-')} applies to {flag} pcm")
+            opts[key] = getattr(args, name)
+    if args.original_steps is not None:
+        if sampler == "ddim":
+            raise UsageError("--original-steps applies to the student samplers (lcm, tcd, pcm)")
+        opts["original_steps"] = args.original_steps
+    return opts

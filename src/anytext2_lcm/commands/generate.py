@@ -87,26 +87,13 @@ def _generate(args) -> int:
 
     from ..generation import GenerationRequest, Generator, InputError, load_positions
     from ..pipeline import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
-    from .common import model_from_args
+    from .common import model_from_args, sampler_options
     from ..cli import UsageError
 
     student = args.sampler != "ddim"
     steps = args.steps if args.steps is not None else (4 if student else 20)
     cfg = args.cfg if args.cfg is not None else (1.0 if student else 7.5)
-    opts = {}
-    if args.gamma is not None:
-        if args.sampler != "tcd":
-            raise UsageError("--gamma applies to --sampler tcd")
-        opts["gamma"] = args.gamma
-    for flag, key in (("num_phases", "num_phases"), ("phase_convention", "convention")):
-        if getattr(args, flag) is not None:
-            if args.sampler != "pcm":
-                raise UsageError(f"--{flag.replace('_', '-')} applies to --sampler pcm")
-            opts[key] = getattr(args, flag)
-    if args.original_steps is not None:
-        if args.sampler == "ddim":
-            raise UsageError("--original-steps applies to the student samplers (lcm, tcd, pcm)")
-        opts["original_steps"] = args.original_steps
+    opts = sampler_options(args, args.sampler)
     try:
         req = GenerationRequest(
             prompt=args.prompt, text_prompt=args.text_prompt,

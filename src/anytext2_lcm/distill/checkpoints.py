@@ -32,7 +32,6 @@ when the newest one does not verify.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -45,7 +44,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..checkpoint import CheckpointError, safe_torch_load
+from ..checkpoint import CheckpointError, safe_torch_load, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +83,6 @@ def checkpoint_name(step: int, micro_in_window: int = 0) -> str:
 def parse_name(name: str) -> tuple[int, int] | None:
     m = _NAME.match(name)
     return (int(m.group(1)), int(m.group(2) or 0)) if m else None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -237,7 +228,7 @@ class CheckpointManager:
         error = ""
         if main:
             try:
-                files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                          for p in sorted(tmp.iterdir()) if p.is_file()}
                 marker = {"format": FORMAT, "version": FORMAT_VERSION, "name": name, "step": step,
                           "micro_in_window": micro_in_window, "world_size": self.world_size,
@@ -311,7 +302,7 @@ class CheckpointManager:
             if fp.stat().st_size != info["bytes"]:
                 raise CheckpointError(f"{fp}: {fp.stat().st_size} bytes, the marker recorded {info['bytes']} "
                                       f"(truncated or altered)")
-            if full and _sha256(fp) != info["sha256"]:
+            if full and sha256_file(fp) != info["sha256"]:
                 raise CheckpointError(f"{fp}: sha256 differs from the marker (corrupt or altered)")
         extra = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != MARKER and p.name not in files)
         if extra:

@@ -36,8 +36,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     d = subparsers.add_parser(
-        "distill", formatter_class=fmt, help="distil the AnyText2 teacher into a few-step LoRA student (LCM)",
-        description="LCM-LoRA distillation of AnyText2 on AnyWord-format data, on one or many GPUs (run under "
+        "distill", formatter_class=fmt, help="distil the AnyText2 teacher into a few-step LoRA student (LCM or PCM)",
+        description="LCM-LoRA or PCM-LoRA (method: pcm) distillation of AnyText2 on AnyWord-format data, on one or many GPUs (run under "
                     "`accelerate launch`), with exact resume, atomic checkpoints and TensorBoard logging.")
     _add_common(d)
     d.set_defaults(func=lambda a: run_command(a, None))

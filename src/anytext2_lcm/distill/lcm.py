@@ -87,6 +87,70 @@ def distill_conditions(model: nn.Module, tb: TrainBatch, a_prompt: str, n_prompt
     return DistillConditions(branches, None if writenet_lora else branches.control_cond)
 
 
+@dataclass
+class StepDraws:
+    """A micro-step's per-sample draws, each from the sample's own generator and in this order: the grid index i
+    (t_{n+k} = ``start``, t_n = ``end``), the guidance weight w = s − 1 and the noise (B, 4, h, w)."""
+
+    index: torch.Tensor
+    start: torch.Tensor
+    end: torch.Tensor
+    w: torch.Tensor
+    noise: torch.Tensor
+
+
+def draw_step(tb: TrainBatch, solver: DDIMSolver, guidance_scale_range: tuple[float, float]) -> StepDraws:
+    """Skipping-step pair on the DDIM grid (Alg. 1, k = T / N): i ~ U{0..N−1}, t_{n+k} = grid[i],
+    t_n = max(t_{n+k} − k, 0); guidance w = s − 1 with s ~ U[low, high] (Imagen form); then the noise."""
+    device = tb.latents.device
+    pairs = [solver.sample_pairs(1, generator=g) for g in tb.gens]
+    lo, hi = (imagen_scale_to_lcm_w(s) for s in guidance_scale_range)
+    w = torch.cat([sample_guidance_w(1, lo, hi, generator=g) for g in tb.gens]).to(device)
+    noise = randn_per_sample(tb.gens, tuple(tb.latents.shape[1:]), device)
+    return StepDraws(torch.cat([p.index for p in pairs]).to(device), torch.cat([p.start for p in pairs]).to(device),
+                     torch.cat([p.end for p in pairs]).to(device), w, noise)
+
+
+def student_eps(net: nn.Module, cond: DistillConditions, tb: TrainBatch, x_t: torch.Tensor, t: torch.Tensor,
+                strength: float, attnx_scale: float) -> torch.Tensor:
+    """ε of the online student with grad (cond branch only) through ``net`` (the DDP-wrapped forward)."""
+    image_context = cond.teacher.cond.image_context
+    if cond.student_control is not None:
+        return net(x_t, t, image_context, cond.student_control, strength=strength, attnx_scale=attnx_scale)
+    return net(x_t, t, image_context, None, cond.teacher.cond.text_context, tb.text_info, strength, attnx_scale)
+
+
+@torch.no_grad()
+def target_eps(model: nn.Module, cond: DistillConditions, tb: TrainBatch, x: torch.Tensor, t: torch.Tensor,
+               strength: float, attnx_scale: float) -> torch.Tensor:
+    """ε of the same student without grad (no separate target network for a LoRA student), cond branch only."""
+    control = cond.student_control
+    if control is None:
+        control = model.control(cond.teacher.cond.text_context, tb.text_info)
+    return model.denoise(x, t, cond.teacher.cond.image_context, control, strength, attnx_scale)
+
+
+@torch.no_grad()
+def guided_teacher(model: nn.Module, cond: DistillConditions, x_t: torch.Tensor, t: torch.Tensor, w: torch.Tensor,
+                   schedule: NoiseSchedule, strength: float, attnx_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher (adapters off): ε_c and ε_u in one batched call, guided in the LCM form on x̂0 and on ε
+    (LCM eq. 11: (1 + w)·cond − w·uncond). Returns (x̂0, ε̂), float32."""
+    with disable_adapters(model):
+        eps_c, eps_u = GuidedDenoiser(model, cond.teacher, 1.0, strength, attnx_scale).split(x_t, t)
+    x0_c = predicted_original_sample(eps_c, x_t, t, schedule)
+    x0_u = predicted_original_sample(eps_u, x_t, t, schedule)
+    return lcm_guidance(x0_c.float(), x0_u.float(), w), lcm_guidance(eps_c.float(), eps_u.float(), w)
+
+
+def distance(student: torch.Tensor, target: torch.Tensor, tb: TrainBatch, loss_type: str, huber_c: float,
+             text_loss_weight: float) -> torch.Tensor:
+    """Pseudo-Huber (c) or L2 between student and target, optionally weighted 1 + λ inside the text regions."""
+    weight = text_weight_map(tb.hint, tuple(student.shape[-2:]), text_loss_weight)
+    if loss_type == "huber":
+        return huber_loss(student.float(), target.float(), huber_c, weight)
+    return l2_loss(student.float(), target.float(), weight)
+
+
 def lcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, cond: DistillConditions, solver: DDIMSolver,
              schedule: NoiseSchedule, guidance_scale_range: tuple[float, float], loss_type: str = "huber",
              huber_c: float = 0.001, text_loss_weight: float = 0.0, timestep_scaling: float = 10.0,
@@ -103,59 +167,31 @@ def lcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, cond: DistillCond
     Returns:
         ``StepOutput`` with the loss and, in ``tensors``: index, start, end, w, x_t, student, x_prev, target.
     """
-    x0 = tb.latents
-    device = x0.device
-    image_context = cond.teacher.cond.image_context
-
-    # 1. Skipping-step pair on the DDIM grid (Alg. 1, k = T / N): i ~ U{0..N−1}, t_{n+k} = grid[i],
-    #    t_n = max(t_{n+k} − k, 0); guidance w = s − 1 with s ~ U[low, high]; then the noise, per sample.
-    pairs = [solver.sample_pairs(1, generator=g) for g in tb.gens]
-    index = torch.cat([p.index for p in pairs]).to(device)
-    start = torch.cat([p.start for p in pairs]).to(device)
-    end = torch.cat([p.end for p in pairs]).to(device)
-    lo, hi = (imagen_scale_to_lcm_w(s) for s in guidance_scale_range)
-    w = torch.cat([sample_guidance_w(1, lo, hi, generator=g) for g in tb.gens]).to(device)
-    noise = randn_per_sample(tb.gens, tuple(x0.shape[1:]), device)
+    # 1. The per-sample draws: grid pair, guidance, noise.
+    d = draw_step(tb, solver, guidance_scale_range)
 
     # 2. Forward diffusion to t_{n+k}: x_t = sqrt(ᾱ) x0 + sqrt(1 − ᾱ) ε.
-    x_t = schedule.add_noise(x0, noise, start)
+    x_t = schedule.add_noise(tb.latents, d.noise, d.start)
 
     # 3. Online student with grad: f_θ(x_t, t_{n+k}) = c_skip x_t + c_out x̂0(ε_θ) (LCM eq. 9); cond branch only.
-    if cond.student_control is not None:
-        eps = net(x_t, start, image_context, cond.student_control, strength=strength, attnx_scale=attnx_scale)
-    else:
-        eps = net(x_t, start, image_context, None, cond.teacher.cond.text_context, tb.text_info, strength,
-                  attnx_scale)
-    student = consistency_output(x_t, predicted_original_sample(eps, x_t, start, schedule), start,
+    eps = student_eps(net, cond, tb, x_t, d.start, strength, attnx_scale)
+    student = consistency_output(x_t, predicted_original_sample(eps, x_t, d.start, schedule), d.start,
                                  timestep_scaling, sigma_data)
 
     with torch.no_grad():
-        # 4. Teacher (adapters off): ε_c and ε_u in one batched call, guided in the LCM form on x̂0 and on ε
-        #    (eq. 11: (1 + w)·cond − w·uncond), then one DDIM step from t_{n+k} to t_n.
-        with disable_adapters(model):
-            eps_c, eps_u = GuidedDenoiser(model, cond.teacher, 1.0, strength, attnx_scale).split(x_t, start)
-        x0_c = predicted_original_sample(eps_c, x_t, start, schedule)
-        x0_u = predicted_original_sample(eps_u, x_t, start, schedule)
-        pred_x0 = lcm_guidance(x0_c.float(), x0_u.float(), w)
-        pred_eps = lcm_guidance(eps_c.float(), eps_u.float(), w)
-        x_prev = solver.ddim_step(pred_x0, pred_eps, index)
+        # 4. Teacher (adapters off), guided, then one DDIM step from t_{n+k} to t_n.
+        pred_x0, pred_eps = guided_teacher(model, cond, x_t, d.start, d.w, schedule, strength, attnx_scale)
+        x_prev = solver.ddim_step(pred_x0, pred_eps, d.index)
 
-        # 5. Target: the same student without grad (no separate target network for LCM-LoRA), at (x_prev, t_n).
-        control_t = cond.student_control
-        if control_t is None:
-            control_t = model.control(cond.teacher.cond.text_context, tb.text_info)
-        eps_t = model.denoise(x_prev, end, image_context, control_t, strength, attnx_scale)
-        target = consistency_output(x_prev, predicted_original_sample(eps_t, x_prev, end, schedule), end,
+        # 5. Target: the same student without grad at (x_prev, t_n).
+        eps_t = target_eps(model, cond, tb, x_prev, d.end, strength, attnx_scale)
+        target = consistency_output(x_prev, predicted_original_sample(eps_t, x_prev, d.end, schedule), d.end,
                                     timestep_scaling, sigma_data)
 
-    # 6. Distance: pseudo-Huber (c) or L2, optionally weighted 1 + λ inside the text regions.
-    weight = text_weight_map(tb.hint, tuple(x0.shape[-2:]), text_loss_weight)
-    if loss_type == "huber":
-        loss = huber_loss(student.float(), target.float(), huber_c, weight)
-    else:
-        loss = l2_loss(student.float(), target.float(), weight)
-    return StepOutput(loss, {"w": float(w.mean()), "t": float(start.float().mean())},
-                      {"index": index, "start": start, "end": end, "w": w, "x_t": x_t.detach(),
+    # 6. Distance.
+    loss = distance(student, target, tb, loss_type, huber_c, text_loss_weight)
+    return StepOutput(loss, {"w": float(d.w.mean()), "t": float(d.start.float().mean())},
+                      {"index": d.index, "start": d.start, "end": d.end, "w": d.w, "x_t": x_t.detach(),
                        "student": student.detach(), "x_prev": x_prev, "target": target})
 
 

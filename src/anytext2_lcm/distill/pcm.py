@@ -33,11 +33,9 @@ import torch.nn as nn
 from ..lora import disable_adapters, save_lora
 from ..pipeline import GuidedDenoiser, encode_branches
 from ..samplers.schedule import NoiseSchedule
-from .batch import StepOutput, TrainBatch, randn_per_sample, text_weight_map
-from .lcm import DistillConditions, LCMMethod
-from .losses import huber_loss, l2_loss
-from .solver import (DDIMSolver, imagen_scale_to_lcm_w, lcm_guidance, pcm_phase_edges, pcm_target,
-                     predicted_original_sample, sample_guidance_w)
+from .batch import StepOutput, TrainBatch
+from .lcm import DistillConditions, LCMMethod, distance, draw_step, guided_teacher, student_eps, target_eps
+from .solver import DDIMSolver, pcm_phase_edges, pcm_target, predicted_original_sample
 
 __all__ = ["PCMMethod", "draw_empty_prompts", "pcm_conditions", "pcm_step"]
 
@@ -89,68 +87,41 @@ def pcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, solver: DDIMSolve
     Returns:
         ``StepOutput``; ``tensors``: index, start, end, edge, w, empty, x_t, student, x_prev, target_jump, target.
     """
-    x0 = tb.latents
-    device = x0.device
-
-    # 1. The draws of LCM (same generators, same order): i ~ U{0..N−1}, w = s − 1, the noise.
-    pairs = [solver.sample_pairs(1, generator=g) for g in tb.gens]
-    index = torch.cat([p.index for p in pairs]).to(device)
-    start = torch.cat([p.start for p in pairs]).to(device)
-    end = torch.cat([p.end for p in pairs]).to(device)
-    lo, hi = (imagen_scale_to_lcm_w(s) for s in guidance_scale_range)
-    w = torch.cat([sample_guidance_w(1, lo, hi, generator=g) for g in tb.gens]).to(device)
-    noise = randn_per_sample(tb.gens, tuple(x0.shape[1:]), device)
+    # 1. The draws of LCM (same generators, same order), then, CFG-free, whether the prompts are emptied.
+    d = draw_step(tb, solver, guidance_scale_range)
     empty = draw_empty_prompts(tb.gens, empty_prompt_fraction if cfg_free else 0.0)
     cond = pcm_conditions(model, tb, a_prompt, n_prompt, empty, cfg_free, empty_image_prompt, writenet_lora)
-    image_context = cond.teacher.cond.image_context
 
     # 2. Forward diffusion to t_{n+k}.
-    x_t = schedule.add_noise(x0, noise, start)
+    x_t = schedule.add_noise(tb.latents, d.noise, d.start)
 
     # 3. Online student with grad, c_skip = 0 / c_out = 1: its DDIM jump from t_{n+k} to the lower edge of i's phase.
-    if cond.student_control is not None:
-        eps = net(x_t, start, image_context, cond.student_control, strength=strength, attnx_scale=attnx_scale)
-    else:
-        eps = net(x_t, start, image_context, None, cond.teacher.cond.text_context, tb.text_info, strength,
-                  attnx_scale)
-    student, edge_t = solver.phase_jump(predicted_original_sample(eps, x_t, start, schedule), eps, index, edges)
+    eps = student_eps(net, cond, tb, x_t, d.start, strength, attnx_scale)
+    student, edge_t = solver.phase_jump(predicted_original_sample(eps, x_t, d.start, schedule), eps, d.index, edges)
 
     with torch.no_grad():
         # 4. Teacher (adapters off), one DDIM step t_{n+k} → t_n. CFG-free: the cond branch alone; else guided in
         #    the LCM form with both branches batched, as in LCM.
-        den = GuidedDenoiser(model, cond.teacher, 1.0, strength, attnx_scale)
-        with disable_adapters(model):
-            if cfg_free:
-                pred_eps = den.cond(x_t, start).float()
-                pred_x0 = predicted_original_sample(pred_eps, x_t, start, schedule)
-            else:
-                eps_c, eps_u = den.split(x_t, start)
-                x0_c = predicted_original_sample(eps_c, x_t, start, schedule)
-                x0_u = predicted_original_sample(eps_u, x_t, start, schedule)
-                pred_x0 = lcm_guidance(x0_c.float(), x0_u.float(), w)
-                pred_eps = lcm_guidance(eps_c.float(), eps_u.float(), w)
-        x_prev = solver.ddim_step(pred_x0, pred_eps, index)
+        if cfg_free:
+            with disable_adapters(model):
+                pred_eps = GuidedDenoiser(model, cond.teacher, 1.0, strength, attnx_scale).cond(x_t, d.start).float()
+            pred_x0 = predicted_original_sample(pred_eps, x_t, d.start, schedule)
+        else:
+            pred_x0, pred_eps = guided_teacher(model, cond, x_t, d.start, d.w, schedule, strength, attnx_scale)
+        x_prev = solver.ddim_step(pred_x0, pred_eps, d.index)
 
         # 5. Target: the no-grad student at (x_prev, t_n) jumped to the same edge, or x_prev itself where i is an
         #    edge index (the teacher's step already landed on the edge).
-        control_t = cond.student_control
-        if control_t is None:
-            control_t = model.control(cond.teacher.cond.text_context, tb.text_info)
-        eps_t = model.denoise(x_prev, end, image_context, control_t, strength, attnx_scale)
-        target_jump, _ = solver.phase_jump(predicted_original_sample(eps_t, x_prev, end, schedule), eps_t, index,
+        eps_t = target_eps(model, cond, tb, x_prev, d.end, strength, attnx_scale)
+        target_jump, _ = solver.phase_jump(predicted_original_sample(eps_t, x_prev, d.end, schedule), eps_t, d.index,
                                            edges)
-        target = pcm_target(x_prev, target_jump, index, edges)
+        target = pcm_target(x_prev, target_jump, d.index, edges)
 
     # 6. Distance, as LCM.
-    weight = text_weight_map(tb.hint, tuple(x0.shape[-2:]), text_loss_weight)
-    if loss_type == "huber":
-        loss = huber_loss(student.float(), target.float(), huber_c, weight)
-    else:
-        loss = l2_loss(student.float(), target.float(), weight)
-    n_empty = sum(empty)
-    return StepOutput(loss, {"w": float(w.mean()), "t": float(start.float().mean()),
-                             "empty_prompts": n_empty / len(empty)},
-                      {"index": index, "start": start, "end": end, "edge": edge_t, "w": w,
+    loss = distance(student, target, tb, loss_type, huber_c, text_loss_weight)
+    return StepOutput(loss, {"w": float(d.w.mean()), "t": float(d.start.float().mean()),
+                             "empty_prompts": sum(empty) / len(empty)},
+                      {"index": d.index, "start": d.start, "end": d.end, "edge": edge_t, "w": d.w,
                        "empty": torch.tensor(empty), "x_t": x_t.detach(), "student": student.detach(),
                        "x_prev": x_prev, "target_jump": target_jump, "target": target})
 

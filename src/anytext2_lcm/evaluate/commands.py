@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ def register(sub) -> None:
     s.add_argument("--no-warmup", action="store_true", help="time the first call too")
     o = p.add_argument_group("output")
     o.add_argument("--out", required=True, help="output folder")
+    o.add_argument("--train-run", default=None,
+                   help="the student's distillation run folder: its loss curve goes into the report (default: the "
+                        "folder holding --lora when it has a metrics.jsonl)")
     o.add_argument("--grid-rows", type=int, default=8, help="samples per grid image")
     o.add_argument("--max-grids", type=int, default=4, help="grid images at most")
     o.add_argument("--no-student-images", action="store_true", help="do not keep student images (only grids)")
@@ -80,27 +84,20 @@ def register(sub) -> None:
 
 def _evaluate(args) -> int:
     from ..cli import UsageError
-    from ..commands.common import build_model, pick_device, pick_dtype
+    from ..commands.common import build_model, pick_device, pick_dtype, sampler_options
     from ..generation import InputError
     from .ocr import TextReader
     from .report import write_report
     from .runner import EvalConfig, evaluate
     from .runtime import runtime_from_args
 
-    opts = {}
-    if args.gamma is not None:
-        if args.student_sampler != "tcd":
-            raise UsageError("--gamma applies to --student-sampler tcd")
-        opts["gamma"] = args.gamma
-    for flag, key in (("num_phases", "num_phases"), ("phase_convention", "convention")):
-        if getattr(args, flag) is not None:
-            if args.student_sampler != "pcm":
-                raise UsageError(f"--{flag.replace('_', '-')} applies to --student-sampler pcm")
-            opts[key] = getattr(args, flag)
-    if args.original_steps is not None:
-        if args.student_sampler == "ddim":
-            raise UsageError("--original-steps applies to the student samplers (lcm, tcd, pcm)")
-        opts["original_steps"] = args.original_steps
+    opts = sampler_options(args, args.student_sampler, "--student-sampler")
+    train_run = args.train_run
+    if train_run is None and args.lora:
+        parent = Path(args.lora).resolve().parent
+        train_run = parent if (parent / "metrics.jsonl").is_file() else None
+    elif train_run is not None and not (Path(train_run) / "metrics.jsonl").is_file():
+        raise UsageError(f"--train-run {train_run}: no metrics.jsonl in that folder (a distill output folder has one)")
     cfg = EvalConfig(data=tuple(args.data), num=args.num, size=args.size, images_per_prompt=args.images_per_prompt,
                      seed=args.seed, teacher_steps=args.teacher_steps, teacher_cfg=args.teacher_cfg,
                      student_steps=args.student_steps, student_sampler=args.student_sampler,
@@ -131,7 +128,8 @@ def _evaluate(args) -> int:
         raise UsageError(str(e)) from None
     results["config"]["model_spec"] = args.model
     results["config"]["lora_path"] = args.lora
-    paths = write_report(results, args.out, grid_rows=args.grid_rows, max_grids=args.max_grids)
+    paths = write_report(results, args.out, grid_rows=args.grid_rows, max_grids=args.max_grids,
+                         train_run=train_run)
     from .report import results_table
 
     print(results_table(results))

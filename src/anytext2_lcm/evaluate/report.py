@@ -34,19 +34,50 @@ def _strict(x: Any) -> Any:
 
 
 def write_report(results: dict, out: str | os.PathLike, grid_rows: int = GRID_ROWS, max_grids: int = MAX_GRIDS,
-                 tile: int = 256) -> dict[str, Path]:
-    """Write the grids, ``results.json`` and ``report.md`` into ``out``; returns their paths."""
+                 tile: int = 256, train_run: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Write the grids, ``results.json`` and ``report.md`` into ``out``; returns their paths.
+
+    ``train_run``: the student's distillation run folder; its ``metrics.jsonl`` becomes ``loss.png`` (the loss per
+    optimizer step and its moving average), embedded in the report with the first / last losses.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     grids = make_grids(results, out, grid_rows=grid_rows, max_grids=max_grids, tile=tile)
     results = dict(results, grids=[str(g.relative_to(out)) for g in grids])
+    extra = {}
+    if train_run is not None:
+        training = training_summary(train_run)
+        if training is not None:
+            from ..demo.figures import loss_curve
+
+            loss_curve(training.pop("series"), out / "loss.png",
+                       title=f"distillation loss, {training['steps']} optimizer steps ({training['run']})")
+            results = dict(results, training=dict(training, loss_curve="loss.png"))
+            extra["loss_curve"] = out / "loss.png"
     jpath = out / "results.json"
     tmp = jpath.with_name(".results.json.tmp")
     tmp.write_text(json.dumps(_strict(results), indent=1, ensure_ascii=False, allow_nan=False), encoding="utf-8")
     os.replace(tmp, jpath)
     mpath = out / "report.md"
     mpath.write_text(markdown(results), encoding="utf-8")
-    return {"json": jpath, "markdown": mpath, **{f"grid{i}": g for i, g in enumerate(grids)}}
+    return {"json": jpath, "markdown": mpath, **{f"grid{i}": g for i, g in enumerate(grids)}, **extra}
+
+
+def training_summary(run_dir: str | os.PathLike) -> dict | None:
+    """The loss history of a distillation run folder (``metrics.jsonl``), or None when it has none.
+
+    Returns ``{"run", "steps", "loss_first", "loss_last", "window", "series"}``: loss_first / loss_last are the means
+    of the first / last ``window`` logged steps (a tenth of the run, at least 1); series = [(step, loss)].
+    """
+    from ..demo.stages import read_student_losses
+
+    series = read_student_losses(Path(run_dir))
+    finite = [v for _, v in series if math.isfinite(v)]
+    if not finite:
+        return None
+    k = max(1, len(finite) // 10)
+    return {"run": str(run_dir), "steps": series[-1][0], "loss_first": sum(finite[:k]) / k,
+            "loss_last": sum(finite[-k:]) / k, "window": k, "series": series}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,6 +171,12 @@ def markdown(results: dict) -> str:
         "gives on real text at this size.",
         "",
     ]
+    tr = results.get("training")
+    if tr:
+        lines += ["## Distillation run", "",
+                  f"`{tr['run']}`: {tr['steps']} optimizer steps; loss {tr['loss_first']:.4g} (mean of the first "
+                  f"{tr['window']} logged steps) → {tr['loss_last']:.4g} (mean of the last {tr['window']}).", "",
+                  f"![distillation loss]({tr['loss_curve']})", ""]
     if results.get("grids"):
         lines += ["## Grids", "",
                   "Columns: glyphs + positions | reference (the dataset image) | teacher | students; under each "

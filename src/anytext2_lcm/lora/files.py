@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, safe_torch_load, to_original
+from ..checkpoint import CheckpointError, safe_torch_load, tensor_dict, to_original
 from ..config import ConfigError
 from .adapters import _freeze_to_lora, _is_meta, adapter_names, lora_layers, set_lora_scale
 from .inventory import ModuleInfo, _base_of, module_table
@@ -144,16 +144,8 @@ def _read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
                 raise CheckpointError(f"{path}: corrupt peft_config metadata ({e})") from None
     else:
         # .bin / .pt / .pth: weights_only unpickling; a file that needs arbitrary code is refused, not run.
-        obj = safe_torch_load(path)
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-        sd = obj
-    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(f"{path}: {len(bad)} entries are not tensors, e.g. {bad[:3]}")
-    return sd, config
+        sd = safe_torch_load(path)
+    return tensor_dict(sd, path), config
 
 
 def _expected_shapes(m: ModuleInfo, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
