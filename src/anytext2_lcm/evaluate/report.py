@@ -51,7 +51,7 @@ def write_report(results: dict, out: str | os.PathLike, grid_rows: int = GRID_RO
             from ..demo.figures import loss_curve
 
             loss_curve(training.pop("series"), out / "loss.png",
-                       title=f"distillation loss, {training['steps']} optimizer steps ({training['run']})")
+                       title=f"distillation loss, {Path(training['run']).name}")
             results = dict(results, training=dict(training, loss_curve="loss.png"))
             extra["loss_curve"] = out / "loss.png"
     jpath = out / "results.json"
