@@ -128,7 +128,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec | None = None) -> int:
         model.embedding_manager.requires_grad_(True)
     n = trainable_parameters(model)
     log.info("LoRA r=%d alpha=%g on %d modules: %d trainable parameters", spec.rank, spec.alpha,
-             len(config.target_modules), n)
+             sum(1 for m in lora_layers(model).values() if spec.adapter_name in m.lora_A), n)
     return n
 
 
