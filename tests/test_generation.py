@@ -89,6 +89,28 @@ def test_writenet_runs_once_per_call_and_cfg_is_one_batch(model):
     assert calls["unet"] == [4, 4, 4, 4]  # 2 images x (cond + uncond) per step, one call per step
 
 
+def test_separate_cfg_passes_give_the_same_image(model):
+    """Generator.batch_cfg = False: two UNet passes of B per step (as the original), the same result up to
+    rounding, and the option reaches the generator through the runtime options (bench / evaluate --separate-cfg)."""
+    from anytext2_lcm.evaluate.bench import parse_variant
+    from anytext2_lcm.evaluate.runtime import RuntimeOptions, apply_runtime_options
+
+    calls = []
+    h = model.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        a = Generator(model)(req(steps=3, sampler="lcm", cfg_scale=3.0, num_images=2))
+        gen = Generator(model)
+        gen.batch_cfg = False
+        b = gen(req(steps=3, sampler="lcm", cfg_scale=3.0, num_images=2))
+    finally:
+        h.remove()
+    assert calls == [4] * 3 + [2, 2] * 3
+    assert np.abs(a.images[0].astype(int) - b.images[0].astype(int)).max() <= 1
+    assert parse_variant("separate_cfg").runtime.separate_cfg
+    _, vgen = apply_runtime_options(model, RuntimeOptions(separate_cfg=True))
+    assert vgen.batch_cfg is False and RuntimeOptions(separate_cfg=True).label() == "separate_cfg"
+
+
 def test_batched_cfg_with_padded_contexts_equals_separate_passes(model):
     gen = Generator(model)
     prep = gen.prepare(req())

@@ -263,6 +263,8 @@ class Generator:
         self.model = model.eval()
         self._glyph_font = glyph_font
         self._blank_posterior: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.batch_cfg = True
+        """CFG's cond and uncond branches as one UNet batch (True) or two passes (False: less activation memory)."""
 
     @property
     def device(self) -> torch.device:
@@ -423,7 +425,7 @@ class Generator:
         guided = req.cfg_scale != 1.0
         branches = encode_branches(self.model, ti, [prep.img_prompt + ", " + req.a_prompt] * B, [prep.text_prompt] * B,
                                    [req.n_prompt] * B if guided else None, [""] * B if guided else None)
-        denoiser = GuidedDenoiser(self.model, branches, req.cfg_scale, req.strength, req.attnx_scale)
+        denoiser = GuidedDenoiser(self.model, branches, req.cfg_scale, req.strength, req.attnx_scale, self.batch_cfg)
         t2 = time.perf_counter()
         schedule = NoiseSchedule(self.model.alphas_cumprod.float().cpu())
         opts = dict(req.sampler_options)

@@ -96,25 +96,35 @@ class GuidedDenoiser:
 
     With ``guidance_scale == 1`` or no uncond branch only the cond branch runs (as the original does).
     The control residuals and contexts are prepared once here; ``__call__`` is a pure function of (x, t).
+
+    ``batch_cfg`` (default): cond and uncond go through the UNet as one batch of 2B (padded contexts with a key
+    mask); False: two passes of B, as the original's sampler runs them — the same ε up to rounding, lower peak
+    activation memory, usually slower.
     """
 
     def __init__(self, model: AnyText2, branches: Branches, guidance_scale: float = 7.5,
-                 strength: float | list[float] = 1.0, attnx_scale: float = 1.0):
+                 strength: float | list[float] = 1.0, attnx_scale: float = 1.0, batch_cfg: bool = True):
         self.model = model
         self.branches = branches
         self.guidance_scale = float(guidance_scale)
         self.strength = strength
         self.attnx_scale = float(attnx_scale)
+        self.batch_cfg = bool(batch_cfg)
         self.guided = branches.uncond is not None and self.guidance_scale != 1.0
-        if self.guided:
+        if self.guided and self.batch_cfg:
             self._context, self._mask = pad_contexts([branches.cond.image_context, branches.uncond.image_context])
             self._control = [torch.cat([c, u]) for c, u in zip(branches.control_cond, branches.control_uncond)]
 
     def split(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ε_cond, ε_uncond) at (x, t) in one batched UNet call. Requires an uncond branch."""
+        """(ε_cond, ε_uncond) at (x, t): one batched UNet call (two with ``batch_cfg=False``). Requires an uncond
+        branch."""
         if self.branches.uncond is None:
             raise ValueError("split() needs an uncond branch")
-        if not self.guided:
+        if not self.batch_cfg:
+            eps_u = self.model.denoise(x, t, self.branches.uncond.image_context, self.branches.control_uncond,
+                                       self.strength, self.attnx_scale)
+            return self.cond(x, t), eps_u
+        if not hasattr(self, "_control"):
             self._context, self._mask = pad_contexts([self.branches.cond.image_context,
                                                       self.branches.uncond.image_context])
             self._control = [torch.cat([c, u]) for c, u in zip(self.branches.control_cond,

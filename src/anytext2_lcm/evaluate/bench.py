@@ -109,7 +109,7 @@ class BenchConfig:
 # ---------------------------------------------------------------------------------------------------------------
 
 _TOKENS = {"base", "channels_last", "vae_bf16", "vae_fp16", "vae_fp32", "writenet_bf16", "writenet_fp16", "bf16",
-           "fp16", "fp32", "tiny_decoder", "compile", "offload", "lora", "lora_merged"}
+           "fp16", "fp32", "tiny_decoder", "compile", "offload", "separate_cfg", "lora", "lora_merged"}
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,8 @@ def parse_variant(text: str, base: RuntimeOptions | None = None) -> Variant:
             rt = replace(rt, compile=True)
         elif t == "offload":
             rt = replace(rt, offload=True)
+        elif t == "separate_cfg":
+            rt = replace(rt, separate_cfg=True)
         elif t == "lora":
             lora = "unmerged"
         elif t == "lora_merged":
@@ -275,7 +277,7 @@ def _components(model_view, gen, cfg: BenchConfig, device, dtype) -> dict[str, C
         both = encode_branches(model_view, ti, img_p, txt_p, [req_t.n_prompt], [""])
         single = encode_branches(model_view, ti, img_p, txt_p)
     lines = both.lines
-    teacher_eps = GuidedDenoiser(model_view, both, cfg.teacher_cfg)
+    teacher_eps = GuidedDenoiser(model_view, both, cfg.teacher_cfg, batch_cfg=getattr(gen, "batch_cfg", True))
     student_eps = GuidedDenoiser(model_view, single, 1.0)
     h = cfg.size // 8
     x = torch.randn((1, model_view.cfg.unet.in_channels, h, h), generator=g).to(device, dtype)
@@ -300,7 +302,7 @@ def _components(model_view, gen, cfg: BenchConfig, device, dtype) -> dict[str, C
 COMPONENT_LABELS = {
     "render": "glyph rendering (CPU)", "vae_encode": "VAE encode (cached per size)", "ocr_embed": "OCR line embedding",
     "clip_1": "CLIP, 1 branch", "clip_2": "CLIP, 2 branches", "writenet_1": "WriteNet, batch 1",
-    "writenet_2": "WriteNet, batch 2 (CFG)", "unet_1": "UNet pass, batch 1", "unet_2": "UNet pass, batch 2 (CFG)",
+    "writenet_2": "WriteNet, batch 2 (CFG)", "unet_1": "UNet pass, batch 1", "unet_2": "UNet, cond + uncond (CFG)",
     "decode": "VAE decode",
 }
 
