@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     s.add_argument("--strength", type=float, default=1.0, help="WriteNet control strength")
     s.add_argument("--attnx-scale", type=float, default=1.0)
+    s.add_argument("--separate-cfg", action="store_true",
+                   help="CFG's cond and uncond branches as two UNet passes (as the original) instead of one batch of "
+                        "two: less activation memory, usually slower")
     s.add_argument("--a-prompt", default=None, help="added prompt (default: the original demo's)")
     s.add_argument("--n-prompt", default=None, help="negative prompt (default: the original demo's)")
     s.add_argument("--seed", type=int, default=0)
@@ -108,7 +111,9 @@ def _generate(args) -> int:
         raise UsageError(str(e)) from None
     model, device, dtype = model_from_args(args)
     try:
-        res = Generator(model)(req)
+        gen = Generator(model)
+        gen.batch_cfg = not args.separate_cfg
+        res = gen(req)
     except InputError as e:
         raise UsageError(str(e)) from None
     out = Path(args.out)
