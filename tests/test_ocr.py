@@ -197,6 +197,20 @@ def test_crop_by_mask_empty_mask_uses_fallback_box(caplog):
     assert any("empty mask" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("box", [(10, 12, 11, 13), (5, 20, 6, 40), (5, 20, 30, 21)])
+def test_crop_by_mask_one_pixel_row_or_column_is_finite(box):
+    """Regions without area: a single pixel has no similarity transform (all corners equal) and gets the
+    axis-aligned box; a row or a column keeps the rotated crop, at least 1 px thick. Never NaN."""
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255
+    mask = np.zeros((64, 64), np.uint8)
+    y0, x0, y1, x1 = box
+    mask[y0:y1, x0:x1] = 255
+    crop = crop_by_mask(image, mask)
+    assert torch.isfinite(crop).all() and crop.shape[0] == 3 and min(crop.shape[1:]) >= 1
+    if (y1 - y0, x1 - x0) == (1, 1):
+        torch.testing.assert_close(crop, image[:, y0:y1, x0:x1])
+
+
 def test_umeyama_recovers_similarity():
     rng = np.random.default_rng(0)
     src = rng.uniform(0, 100, (6, 2))

@@ -156,6 +156,21 @@ def test_zero_lines_give_empty_embeddings(tiny_fixture, modules):
     assert [t.shape[0] for t in split_by_sample(emb, [0, 0])] == [0, 0]
 
 
+def test_one_pixel_position_gives_a_finite_embedding(tiny_fixture, modules):
+    """A line whose position is a single pixel (tiny training images after erosion): the font-hint crop has no
+    similarity transform; the embedding must stay finite (it once carried NaN into the CLIP context)."""
+    _, inputs, _, meta = tiny_fixture
+    em, text_predictor, cfg = modules
+    info = _fixture_text_info(inputs, meta)
+    pos = torch.zeros_like(info.positions)
+    pos[:, :, :, 10, 12] = 1.0
+    info.positions = pos
+    info.font_hint = torch.ones_like(info.font_hint)  # a non-blank hint everywhere: the crop decides
+    emb, parts = em(info, text_predictor, cfg.ocr, return_parts=True)
+    assert emb.shape[0] == int(sum(meta["n_lines"])) and torch.isfinite(emb).all()
+    assert torch.isfinite(parts["style_proj"]).all()
+
+
 def test_forward_is_pure(tiny_fixture, modules):
     _, inputs, _, meta = tiny_fixture
     em, text_predictor, cfg = modules

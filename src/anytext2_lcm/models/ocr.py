@@ -489,6 +489,16 @@ def umeyama(src: np.ndarray, dst: np.ndarray, estimate_scale: bool = True) -> np
     return out
 
 
+def _bbox_crop(image: Tensor, mask: np.ndarray) -> Tensor:
+    """(C, h, w) axis-aligned crop of ``image`` at the box of the mask's non-zero pixels (the whole image when the
+    mask is empty), clamped to 0..255."""
+    m = np.asarray(mask).reshape(mask.shape[0], mask.shape[1])
+    ys, xs = np.nonzero(m)
+    if len(ys) == 0:
+        return image.float().clamp(0, 255)
+    return image[:, ys.min():ys.max() + 1, xs.min():xs.max() + 1].float().clamp(0, 255)
+
+
 def crop_by_mask(image: Tensor, mask: np.ndarray) -> Tensor:
     """Crop the mask's min-area rectangle out of ``image``, rotated upright.
 
@@ -506,12 +516,17 @@ def crop_by_mask(image: Tensor, mask: np.ndarray) -> Tensor:
     width = max(np.linalg.norm(corners[0] - corners[1]), np.linalg.norm(corners[2] - corners[3]))
     height = max(np.linalg.norm(corners[0] - corners[3]), np.linalg.norm(corners[1] - corners[2]))
     target = np.float32([[0, 0], [width, 0], [width, height], [0, height]])
+    c, h, w = image.shape
     if int(width) < 1 or int(height) < 1:
         # The original crashes here (empty crop); keep the pipeline alive with a 1-pixel-wide side instead.
         # debug, not warning: tiny training images hit this often and the crop is still well defined
         logger.debug("crop_by_mask: degenerate rectangle %.2f x %.2f px, cropping at least 1 px", width, height)
     sim = umeyama(corners, target, estimate_scale=True)
-    c, h, w = image.shape
+    if not np.isfinite(sim).all():
+        # All four corners equal (a one-pixel region): Umeyama's scale divides by the points' variance (0 → NaN),
+        # which would put NaN into the line's embedding. Take the axis-aligned box of the mask's pixels instead.
+        logger.debug("crop_by_mask: no finite transform for corners %s, axis-aligned crop", corners.tolist())
+        return _bbox_crop(image, mask)
     # affine_grid works in normalised [-1, 1] coordinates and maps output -> input, hence the conjugation
     # by the pixel->normalised map and the inverse.
     to_norm = np.array([[2 / w, 0, -1], [0, 2 / h, -1], [0, 0, 1]])
