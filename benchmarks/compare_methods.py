@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,7 +35,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO / "configs" / "demo_bench.yaml"  # the fidelity benchmark's recipe
 STEPS = (1, 2, 4, 8)
-DONE = "done.json"
 
 
 @dataclass(frozen=True)
@@ -105,30 +103,6 @@ def load_average() -> str:
         return "n/a"
 
 
-def cached(root: Path, key: str, fresh: bool, build, say) -> tuple[Path, dict, bool]:
-    """A stage folder ``root/key``, complete when its done.json exists; built under a temporary name and renamed
-    (the convention of ``anytext2_lcm.demo.stages``), so an interrupted build is never taken for a finished one."""
-    final = root / key
-    if not fresh and (final / DONE).is_file():
-        say(f"{key}: cached")
-        return final, json.loads((final / DONE).read_text()), True
-    for d in (final, root / f".{key}.partial"):
-        if d.exists():
-            shutil.rmtree(d)
-    tmp = root / f".{key}.partial"
-    tmp.mkdir(parents=True)
-    say(f"{key}: building")
-    t0 = time.perf_counter()
-    info = build(tmp) or {}
-    info["build_seconds"] = time.perf_counter() - t0
-    (tmp / DONE).write_text(json.dumps(info, indent=1))
-    tmp.rename(final)
-    cfg = final / "config.yaml"  # the trainer wrote its absolute output_dir
-    if cfg.is_file():
-        cfg.write_text(cfg.read_text().replace(str(tmp), str(final)))
-    return final, info, False
-
-
 def pcm_config(recipe, run, out: Path, cfg_free: bool, num_phases: int, convention: str, fraction: float):
     """The recipe's distillation config (``teacher_train_config``, as the fidelity benchmark's LCM student) with
     ``method: pcm``: same data, teacher, adapter, grid, guidance range, loss, optimizer, steps, batch and seed."""
@@ -145,15 +119,12 @@ def pcm_config(recipe, run, out: Path, cfg_free: bool, num_phases: int, conventi
 def build_students(recipe, run, args, say) -> dict[str, dict]:
     """The LCM student (the fidelity benchmark's own stage) and the two PCM students (cached beside it)."""
     from anytext2_lcm.demo.recipe import code_version, stage_key, stage_settings
-    from anytext2_lcm.distill.trainer import train
+    from anytext2_lcm.demo.stages import cached_stage, distill_stage
 
     st = run.stages["student"]
     students = {"lcm": {"path": str(st.path), "cached": st.cached, **_numbers(st.info)}}
     settings = stage_settings(recipe)["student"]
-    try:  # the code a student's weights depend on (the fidelity benchmark's per-stage scope), else all of it
-        code = code_version("student")
-    except TypeError:
-        code = code_version()
+    code = code_version("student")  # the code a student's weights depend on (the fidelity benchmark's scope)
     for name, cfg_free in (("pcm", False), ("pcm_cfgfree", True)):
         pcm = {"num_phases": args.num_phases, "convention": args.convention, "cfg_free_teacher": cfg_free,
                "empty_prompt_fraction": args.empty_prompt_fraction if cfg_free else 0.0}
@@ -161,16 +132,10 @@ def build_students(recipe, run, args, say) -> dict[str, dict]:
 
         def build(out: Path, cfg_free=cfg_free, name=name) -> dict:
             cfg = pcm_config(recipe, run, out, cfg_free, args.num_phases, args.convention, args.empty_prompt_fraction)
-            t0 = time.perf_counter()
-            result = train(cfg)
-            if result.exit_code:
-                raise RuntimeError(f"{name}: distillation stopped with exit code {result.exit_code}")
-            losses = [v for _, v in result.losses]
-            say(f"{name}: {len(losses)} steps in {time.perf_counter() - t0:.0f} s, loss {_mean(losses[:10]):.4f} "
-                f"(first 10) -> {_mean(losses[-10:]):.4f} (last 10)")
-            return {"steps": len(losses), "loss_first_10": _mean(losses[:10]), "loss_last_10": _mean(losses[-10:])}
+            return distill_stage(cfg, name, say)
 
-        path, info, was_cached = cached(Path(args.cache), key, args.fresh, build, say)
+        st = cached_stage(Path(args.cache), name, key, args.fresh, build, say)
+        path, info, was_cached = st.path, st.info, st.cached
         students[name] = {"path": str(path), "cached": was_cached, **_numbers(info)}
     return students
 

@@ -153,3 +153,31 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert set(a) == set(b)
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
+
+
+def lora_student(cfg, method_cls, lora_b_std: float = 0.05):
+    """(model, method): a tiny teacher with the LoRA of ``cfg`` set up by ``method_cls`` (LCMMethod, PCMMethod);
+    lora_B randomised (seed 0) so that the student differs from the teacher."""
+    from anytext2_lcm.distill.components import build_teacher
+
+    model = build_teacher(cfg.model)
+    method = method_cls(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        method.configure_model(model)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0.0, lora_b_std)
+    method.set_train_mode(model)
+    return model, method
+
+
+def first_batch(cfg, model, epoch: int = 0):
+    """(raw batch, TrainBatch) of the first batch of ``cfg``'s loader in epoch 0, prepared for ``model``."""
+    from anytext2_lcm.distill.batch import prepare_batch
+    from anytext2_lcm.distill.data import build_loader
+
+    loader = build_loader(cfg)
+    loader.set_epoch(0)
+    batch = next(iter(loader))
+    return batch, prepare_batch(model, batch, cfg.train.seed, epoch, "cpu")

@@ -75,7 +75,9 @@ def test_helpers():
 
 
 def test_cache_reuses_a_finished_stage(tmp_path):
-    mod = _bench()
+    """The stage cache the benchmark builds its students with (``demo.stages.cached_stage``)."""
+    from anytext2_lcm.demo.stages import cached_stage
+
     built = []
 
     def build(out):
@@ -83,7 +85,9 @@ def test_cache_reuses_a_finished_stage(tmp_path):
         (out / "w.txt").write_text("x")
         return {"steps": 1}
 
-    p1, info1, cached1 = mod.cached(tmp_path, "pcm-abc", False, build, lambda m: None)
-    p2, info2, cached2 = mod.cached(tmp_path, "pcm-abc", False, build, lambda m: None)
+    s1 = cached_stage(tmp_path, "pcm", "pcm-abc", False, build, lambda m: None)
+    s2 = cached_stage(tmp_path, "pcm", "pcm-abc", False, build, lambda m: None)
+    p1, cached1 = s1.path, s1.cached
+    p2, info2, cached2 = s2.path, s2.info, s2.cached
     assert (cached1, cached2) == (False, True) and len(built) == 1 and p1 == p2 and (p2 / "w.txt").is_file()
     assert info2["steps"] == 1 and not (tmp_path / ".pcm-abc.partial").exists()

@@ -12,13 +12,12 @@ import torch
 
 from anytext2_lcm.distill.batch import prepare_batch
 from anytext2_lcm.distill.config import TrainConfig
-from anytext2_lcm.distill.data import build_loader
 from anytext2_lcm.distill.lcm import DenoiserNet, LCMMethod, distill_conditions
 from anytext2_lcm.distill.components import build_teacher
 from anytext2_lcm.lora import disable_adapters
 from anytext2_lcm.pipeline import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
 
-from distill_helpers import make_config, tiny_dataset
+from distill_helpers import first_batch, lora_student, make_config, tiny_dataset
 from distill_helpers import one_thread  # noqa: F401  (autouse: one intra-op thread in this module)
 
 
@@ -28,24 +27,10 @@ def data(tmp_path_factory) -> Path:
 
 
 def student(cfg: TrainConfig, lora_b_std: float = 0.05):
-    """A tiny teacher with the LoRA of ``cfg``; lora_B randomised so that the student differs from the teacher."""
-    model = build_teacher(cfg.model)
-    method = LCMMethod(cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        method.configure_model(model)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.data.normal_(0.0, lora_b_std)
-    method.set_train_mode(model)
-    return model, method
+    return lora_student(cfg, LCMMethod, lora_b_std)
 
 
-def a_batch(cfg: TrainConfig, model, epoch: int = 0):
-    loader = build_loader(cfg)
-    loader.set_epoch(0)
-    batch = next(iter(loader))
-    return batch, prepare_batch(model, batch, cfg.train.seed, epoch, "cpu")
+a_batch = first_batch
 
 
 def alphas(model) -> torch.Tensor:

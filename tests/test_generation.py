@@ -99,9 +99,7 @@ def test_separate_cfg_passes_give_the_same_image(model):
     h = model.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     try:
         a = Generator(model)(req(steps=3, sampler="lcm", cfg_scale=3.0, num_images=2))
-        gen = Generator(model)
-        gen.batch_cfg = False
-        b = gen(req(steps=3, sampler="lcm", cfg_scale=3.0, num_images=2))
+        b = Generator(model, batch_cfg=False)(req(steps=3, sampler="lcm", cfg_scale=3.0, num_images=2))
     finally:
         h.remove()
     assert calls == [4] * 3 + [2, 2] * 3

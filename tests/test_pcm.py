@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from anytext2_lcm.distill.batch import prepare_batch
 from anytext2_lcm.distill.components import build_teacher
-from anytext2_lcm.distill.data import build_loader
 from anytext2_lcm.distill.lcm import DenoiserNet
 from anytext2_lcm.distill.pcm import PCMMethod, draw_empty_prompts
 from anytext2_lcm.distill.solver import (DDIMSolver, SkipPair, pcm_phase_edges, pcm_target,
@@ -24,7 +22,8 @@ from anytext2_lcm.pipeline import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
 from anytext2_lcm.samplers import PCMSampler, sample_loop
 from anytext2_lcm.samplers.schedule import NoiseSchedule
 
-from distill_helpers import assert_same_tensors, losses, make_config, tiny_dataset, trainable
+from distill_helpers import (assert_same_tensors, first_batch, lora_student, losses, make_config, tiny_dataset,
+                             trainable)
 from distill_helpers import one_thread  # noqa: F401  (autouse: one intra-op thread in this module)
 
 GRID = [20 * (i + 1) - 1 for i in range(50)]  # {19, 39, ..., 999}
@@ -137,23 +136,11 @@ def test_empty_prompt_draws():
 
 
 def pcm_student(cfg, lora_b_std: float = 0.05):
-    model = build_teacher(cfg.model)
-    method = PCMMethod(cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        method.configure_model(model)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.data.normal_(0.0, lora_b_std)
-    method.set_train_mode(model)
-    return model, method
+    return lora_student(cfg, PCMMethod, lora_b_std)
 
 
 def a_batch(cfg, model):
-    loader = build_loader(cfg)
-    loader.set_epoch(0)
-    batch = next(iter(loader))
-    return batch, prepare_batch(model, batch, cfg.train.seed, 0, "cpu")
+    return first_batch(cfg, model)
 
 
 def force_indices(monkeypatch, method, indices):

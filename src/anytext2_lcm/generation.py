@@ -257,13 +257,14 @@ class Generator:
     Args:
         model: an ``AnyText2`` (with or without a LoRA adapter applied), on its device and dtype.
         glyph_font: default font for glyphs (None: a CJK-capable system font).
+        batch_cfg: see :class:`~.pipeline.GuidedDenoiser` (False: the original's two passes per step).
     """
 
-    def __init__(self, model: AnyText2, glyph_font: str | None = None):
+    def __init__(self, model: AnyText2, glyph_font: str | None = None, batch_cfg: bool = True):
         self.model = model.eval()
         self._glyph_font = glyph_font
         self._blank_posterior: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.batch_cfg = True
+        self.batch_cfg = batch_cfg
         """CFG's cond and uncond branches as one UNet batch (True) or two passes (False: less activation memory)."""
 
     @property

@@ -111,7 +111,7 @@ class GuidedDenoiser:
         self.attnx_scale = float(attnx_scale)
         self.batch_cfg = bool(batch_cfg)
         self.guided = branches.uncond is not None and self.guidance_scale != 1.0
-        if self.guided and self.batch_cfg:
+        if branches.uncond is not None and self.batch_cfg:  # split() runs on this batch, guided or not
             self._context, self._mask = pad_contexts([branches.cond.image_context, branches.uncond.image_context])
             self._control = [torch.cat([c, u]) for c, u in zip(branches.control_cond, branches.control_uncond)]
 
@@ -124,11 +124,6 @@ class GuidedDenoiser:
             eps_u = self.model.denoise(x, t, self.branches.uncond.image_context, self.branches.control_uncond,
                                        self.strength, self.attnx_scale)
             return self.cond(x, t), eps_u
-        if not hasattr(self, "_control"):
-            self._context, self._mask = pad_contexts([self.branches.cond.image_context,
-                                                      self.branches.uncond.image_context])
-            self._control = [torch.cat([c, u]) for c, u in zip(self.branches.control_cond,
-                                                                self.branches.control_uncond)]
         B = x.shape[0]
         t = t.expand(B) if t.dim() == 0 else t
         eps = self.model.denoise(torch.cat([x, x]), torch.cat([t, t]), self._context, self._control,

@@ -111,9 +111,7 @@ def _generate(args) -> int:
         raise UsageError(str(e)) from None
     model, device, dtype = model_from_args(args)
     try:
-        gen = Generator(model)
-        gen.batch_cfg = not args.separate_cfg
-        res = gen(req)
+        res = Generator(model, batch_cfg=not args.separate_cfg)(req)
     except InputError as e:
         raise UsageError(str(e)) from None
     out = Path(args.out)

@@ -76,8 +76,10 @@ class RunPaths:
         return self.stages["student"].path / "adapter"
 
 
-def _stage(root: Path, name: str, key: str, fresh: bool, build: Callable[[Path], dict],
-           report: Callable[[str], None]) -> StageInfo:
+def cached_stage(root: Path, name: str, key: str, fresh: bool, build: Callable[[Path], dict],
+                 report: Callable[[str], None]) -> StageInfo:
+    """The stage folder ``root/key``: taken from the cache when its done.json exists, else built by
+    ``build(tmp)`` under a temporary name (its returned dict + build_seconds become done.json) and renamed."""
     final = root / key
     if not fresh and (final / DONE).is_file():
         info = json.loads((final / DONE).read_text())
@@ -105,6 +107,23 @@ def _retarget(final: Path, tmp: Path) -> None:
     cfg = final / "config.yaml"
     if cfg.is_file():
         cfg.write_text(cfg.read_text().replace(str(tmp), str(final)))
+
+
+def distill_stage(cfg, name: str, report: Callable[[str], None]) -> dict:
+    """Run the trainer on ``cfg`` (a stage build) → the stage's done.json numbers: steps, mean loss of the first and
+    last 10 steps, the output files (relative to the run folder). A run that does not finish is an error."""
+    from ..distill.trainer import train
+
+    t0 = time.perf_counter()
+    result = train(cfg)
+    if result.exit_code:
+        raise RuntimeError(f"{name}: distillation stopped with exit code {result.exit_code}")
+    losses = [loss for _, loss in result.losses]
+    report(f"{name}: {len(losses)} steps in {time.perf_counter() - t0:.0f} s, loss "
+           f"{_mean(losses[:10]):.4f} (first 10) -> {_mean(losses[-10:]):.4f} (last 10)")
+    out = Path(cfg.output_dir)
+    return {"steps": len(losses), "loss_first_10": _mean(losses[:10]), "loss_last_10": _mean(losses[-10:]),
+            "outputs": [str(Path(p).relative_to(out)) for p in result.outputs]}
 
 
 def _tiny_model(seed: int):
@@ -175,7 +194,7 @@ def run_stages(recipe: Recipe, root: str | Path, fresh: bool = False,
         return {"train": [str(p.relative_to(out)) for p in t], "eval": [str(p.relative_to(out)) for p in e]}
 
     k_data = stage_key("data", settings["data"], ())
-    run.stages["data"] = _stage(root, "data", k_data, fresh, build_data, report)
+    run.stages["data"] = cached_stage(root, "data", k_data, fresh, build_data, report)
 
     # -- VAE -----------------------------------------------------------------------------------------------
     def build_vae(out: Path) -> dict:
@@ -196,7 +215,7 @@ def run_stages(recipe: Recipe, root: str | Path, fresh: bool = False,
         return {k: v for k, v in info.items() if k != "losses"}
 
     k_vae = stage_key("vae", settings["vae"], (k_data,))
-    run.stages["vae"] = _stage(root, "vae", k_vae, fresh, build_vae, report)
+    run.stages["vae"] = cached_stage(root, "vae", k_vae, fresh, build_vae, report)
 
     # -- teacher -------------------------------------------------------------------------------------------
     def build_teacher(out: Path) -> dict:
@@ -215,25 +234,15 @@ def run_stages(recipe: Recipe, root: str | Path, fresh: bool = False,
                 "loss_first_10": _mean(res.losses[:10]), "loss_last_10": _mean(res.losses[-10:])}
 
     k_teacher = stage_key("teacher", settings["teacher"], (k_vae,))
-    run.stages["teacher"] = _stage(root, "teacher", k_teacher, fresh, build_teacher, report)
+    run.stages["teacher"] = cached_stage(root, "teacher", k_teacher, fresh, build_teacher, report)
 
     # -- student (the trainer) -----------------------------------------------------------------------------
     def build_student(out: Path) -> dict:
-        from ..distill.trainer import train
-
         cfg = teacher_train_config(recipe, run.train_json, out, teacher=run.teacher, method="lcm")
-        t0 = time.perf_counter()
-        result = train(cfg)
-        if result.exit_code:
-            raise RuntimeError(f"distillation stopped with exit code {result.exit_code}")
-        losses = [loss for _, loss in result.losses]
-        report(f"student: {len(losses)} steps in {time.perf_counter() - t0:.0f} s, loss "
-               f"{_mean(losses[:10]):.4f} (first 10) -> {_mean(losses[-10:]):.4f} (last 10)")
-        return {"steps": len(losses), "loss_first_10": _mean(losses[:10]), "loss_last_10": _mean(losses[-10:]),
-                "outputs": [str(Path(p).relative_to(out)) for p in result.outputs]}
+        return distill_stage(cfg, "student", report)
 
     k_student = stage_key("student", settings["student"], (k_teacher,))
-    run.stages["student"] = _stage(root, "student", k_student, fresh, build_student, report)
+    run.stages["student"] = cached_stage(root, "student", k_student, fresh, build_student, report)
     return run
 
 
@@ -309,5 +318,5 @@ def _every(n: int, name: str, report: Callable[[str], None]) -> Callable[[int, f
     return cb
 
 
-__all__ = ["RunPaths", "StageInfo", "load_student", "load_student_checkpoint", "read_student_losses", "run_stages",
+__all__ = ["RunPaths", "StageInfo", "cached_stage", "distill_stage", "load_student", "load_student_checkpoint", "read_student_losses", "run_stages",
            "student_checkpoints", "teacher_train_config"]

@@ -315,8 +315,9 @@ class ViewGenerator(Generator):
     """A ``Generator`` over a :class:`ModelView` with a fixed execution device and dtype (an offloaded UNet may sit
     on the CPU between steps, so the device cannot be read from its weights)."""
 
-    def __init__(self, model: ModelView, device: torch.device, dtype: torch.dtype, glyph_font: str | None = None):
-        super().__init__(model, glyph_font)
+    def __init__(self, model: ModelView, device: torch.device, dtype: torch.dtype, glyph_font: str | None = None,
+                 batch_cfg: bool = True):
+        super().__init__(model, glyph_font, batch_cfg)
         self._device = torch.device(device)
         self._dtype = dtype
 
@@ -370,6 +371,4 @@ def apply_runtime_options(model: nn.Module, opts: RuntimeOptions, device: torch.
     view = ModelView(model, decoder, device if opts.offload else None)
     if opts.offload:
         view.offload_all()
-    gen = generator_cls(view, device, dtype, glyph_font)
-    gen.batch_cfg = not opts.separate_cfg
-    return view, gen
+    return view, generator_cls(view, device, dtype, glyph_font, batch_cfg=not opts.separate_cfg)
