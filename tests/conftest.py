@@ -14,9 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+FIXTURES = REPO / "tests" / "fixtures"
+
+
 def reference_dir() -> Path:
-    """``$ANYTEXT2_REFERENCE_DIR``, else ``../shared/reference`` beside the repository."""
-    return Path(os.environ.get("ANYTEXT2_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+    """``$ANYTEXT2_REFERENCE_DIR``, else ``tests/fixtures``: the parity fixture ``tiny/`` recorded from the original
+    code and the two sd15 manifests (state-dict keys and shapes, Linear/Conv2d modules)."""
+    return Path(os.environ.get("ANYTEXT2_REFERENCE_DIR", FIXTURES))
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """Evaluation of a teacher and its few-step students on AnyWord-format prompts (``anytext2-lcm evaluate``).
 
-Protocol (after the AnyText benchmark, ``eval/anytext2_singleGPU.py`` + ``eval/eval_dgocr.py``; see
-``shared/reference/anytext2.md`` §e):
+Protocol (after the AnyText benchmark, ``eval/anytext2_singleGPU.py`` + ``eval/eval_dgocr.py``):
 
 * one sample per AnyWord row with valid lines: image prompt = the row's caption with ``*`` removed (used verbatim:
   quotes in the caption are *not* turned into placeholders), lines = the valid annotations' texts in order (cut to
