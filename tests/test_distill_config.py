@@ -49,7 +49,7 @@ INVALID = [
     (["train.num_workers=-1"], "train.num_workers"),
     (["train.max_consecutive_nonfinite=0"], "train.max_consecutive_nonfinite"),
     (["lora.train_embedding_manager=true"], "lora.train_embedding_manager"),
-    (["teacher_training.trainable=[unet]"], "teacher_training.trainable"),
+    (["teacher_training.trainable=[vae]"], "teacher_training.trainable"),
     (["train.no_such_field=1"], "train.no_such_field"),
     (["no_such_section.x=1"], "no_such_section"),
     (["method=teacher", "validation.every_n_steps=5", "validation.sampler=lcm"], "validation.sampler"),

@@ -104,6 +104,10 @@ class WriteNetConfig:
     """Channels of the position input (sum of all lines' masks: 1)."""
     glyph_scale: int = 1
     """1: glyph images at image resolution (3 stride-2 convs); 2: at twice the resolution (4)."""
+    latent_factor: int = 8
+    """Image pixels per latent pixel (the VAE's downsampling): the glyph and position encoders reduce their inputs
+    by this factor, with log2(factor) stride-2 convolutions (SD: 8, three; the other strides become 1, the weights
+    keep their shapes and names)."""
     fast_control: bool = True
     """The WriteNet sees a zero latent at timestep 0 (AnyText2). False is not supported."""
 
@@ -112,6 +116,8 @@ class WriteNetConfig:
         self.attention_resolutions = _tuple(self.attention_resolutions)
         _validate_trunk(self, "writenet")
         _check(self.glyph_scale in (1, 2), "writenet.glyph_scale", self.glyph_scale, "must be 1 or 2")
+        _check(self.latent_factor in (1, 2, 4, 8), "writenet.latent_factor", self.latent_factor,
+               "must be 1, 2, 4 or 8")
         _check(self.fast_control, "writenet.fast_control", self.fast_control,
                "only fast_control=True (AnyText2's released setting) is supported")
         _check(self.glyph_channels >= 1, "writenet.glyph_channels", self.glyph_channels, "must be >= 1")
@@ -167,11 +173,16 @@ class VAEConfig:
     """Extra attention resolutions (SD: none; only the mid-block attention exists)."""
     dropout: float = 0.0
     """Dropout (0 in SD)."""
+    norm_groups: int = 32
+    """GroupNorm groups (SD: 32). A narrower VAE needs fewer: with 32 channels and 32 groups every channel is
+    normalised on its own, which removes each image's per-channel mean, i.e. its overall colour."""
 
     def __post_init__(self) -> None:
         self.ch_mult = _tuple(self.ch_mult)
         self.attn_resolutions = _tuple(self.attn_resolutions) if self.attn_resolutions else ()
-        _check(self.ch > 0 and self.ch % 32 == 0, "vae.ch", self.ch, "must be a positive multiple of 32")
+        _check(self.norm_groups >= 1, "vae.norm_groups", self.norm_groups, "must be >= 1")
+        _check(self.ch > 0 and self.ch % self.norm_groups == 0, "vae.ch", self.ch,
+               f"must be a positive multiple of vae.norm_groups ({self.norm_groups})")
         _check(len(self.ch_mult) >= 1, "vae.ch_mult", self.ch_mult, "must not be empty")
         _check(not self.attn_resolutions, "vae.attn_resolutions", self.attn_resolutions,
                "must be empty (SD's VAE has attention only in the middle block)")
@@ -332,6 +343,8 @@ class ModelConfig:
                f"must equal clip.hidden_size ({self.clip.hidden_size})")
         _check(self.embedding.token_dim == self.clip.hidden_size, "embedding.token_dim", self.embedding.token_dim,
                f"must equal clip.hidden_size ({self.clip.hidden_size})")
+        _check(w.latent_factor == self.vae.downsample_factor, "writenet.latent_factor", w.latent_factor,
+               f"must equal the VAE's downsampling ({self.vae.downsample_factor} = 2 ** (len(vae.ch_mult) - 1))")
         _check(w.in_channels == self.vae.z_channels, "writenet.in_channels", w.in_channels,
                f"must equal vae.z_channels ({self.vae.z_channels})")
         _check(u.in_channels == self.vae.z_channels, "unet.in_channels", u.in_channels,
@@ -401,7 +414,27 @@ def tiny() -> ModelConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], ModelConfig]] = {"sd15": sd15, "tiny": tiny}
+def testbed() -> ModelConfig:
+    """A CPU-scale AnyText2 that learns to write legible text: 128 px images, a VAE that downsamples by 4 (32 x 32
+    latents), a 3-level UNet/WriteNet of width 64, a 2-layer CLIP of width 32 and small PP-OCR recognisers with the
+    full 6,625-class dictionary. 11.6 M parameters; the trained weights ship inside the package in fp16
+    (``anytext2-lcm generate --model testbed``) and ``configs/testbed.yaml`` retrains them from nothing."""
+    trunk = dict(model_channels=64, channel_mult=(1, 1, 2), num_res_blocks=1, attention_resolutions=(2, 4),
+                 num_heads=4, transformer_depth=1, context_dim=32)
+    small_ocr = dict(backbone_scale=0.125, neck_dims=32, neck_depth=1, neck_hidden_dims=32)
+    return ModelConfig(
+        name="testbed",
+        unet=UNetConfig(**trunk, output_attnx_level=(2, 1)),
+        writenet=WriteNetConfig(**trunk, latent_factor=4),
+        vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=128, norm_groups=8),
+        clip=CLIPConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
+        ocr=OCRConfig(**small_ocr),
+        font_ocr=OCRConfig(**small_ocr),
+        embedding=TextEmbeddingConfig(token_dim=32),
+    )
+
+
+PRESETS: dict[str, Callable[[], ModelConfig]] = {"sd15": sd15, "tiny": tiny, "testbed": testbed}
 
 
 def preset(name: str) -> ModelConfig:

@@ -47,7 +47,7 @@ from .data.glyphs import (DegeneratePolygonError, polygon_mask, positions_from_m
                           render_in_polygon, render_line)
 from .data.prompts import build_text_caption, parse_prompt_lines
 from .models.anytext2 import AnyText2
-from .pipeline import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, GuidedDenoiser, encode_branches, sample
+from .pipeline import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, GuidedDenoiser, encode_branches, image_prompt, sample
 from .samplers import make_sampler
 from .samplers.schedule import NoiseSchedule
 
@@ -340,6 +340,7 @@ class Generator:
         if len(fonts) > n or len(colors) > n:
             warnings.append("more fonts/colours than lines: the extras are ignored")
         scale = self.model.cfg.writenet.glyph_scale
+        f = self.model.cfg.latent_factor
         glyphs = np.zeros((n, H * scale, W * scale, 3), np.float32)
         positions = np.zeros((n, H, W), np.float32)
         gly_line = np.zeros((n, 80, 512), np.float32)
@@ -391,7 +392,7 @@ class Generator:
             colors=(t(color_arr) / 255.0)[None].expand(B, -1, -1),
             n_lines=torch.full((B,), n, dtype=torch.long),
             font_hint=t(font_hint)[None, None].expand(B, -1, -1, -1),
-            masked_x=torch.zeros(B, self.model.cfg.vae.z_channels, H // 8, W // 8),
+            masked_x=torch.zeros(B, self.model.cfg.vae.z_channels, H // f, W // f),
         )
         preview = _glyph_preview(glyphs[:, ::scale, ::scale] if scale > 1 else glyphs, polygons[:n])
         return PreparedInputs(ti, img_prompt, text_prompt, texts, used_polys, t(masked).permute(2, 0, 1)[None],
@@ -424,7 +425,7 @@ class Generator:
         B = req.num_images
         ti = prep.text_info.to(dev, dt).with_masked_x(masked_x.expand(B, -1, -1, -1).contiguous())
         guided = req.cfg_scale != 1.0
-        branches = encode_branches(self.model, ti, [prep.img_prompt + ", " + req.a_prompt] * B, [prep.text_prompt] * B,
+        branches = encode_branches(self.model, ti, [image_prompt(prep.img_prompt, req.a_prompt)] * B, [prep.text_prompt] * B,
                                    [req.n_prompt] * B if guided else None, [""] * B if guided else None)
         denoiser = GuidedDenoiser(self.model, branches, req.cfg_scale, req.strength, req.attnx_scale, self.batch_cfg)
         t2 = time.perf_counter()
@@ -437,7 +438,8 @@ class Generator:
             sampler.timesteps(req.steps)  # a step count the sampler refuses (PCM phases) is an input error
         except ValueError as e:
             raise InputError(str(e)) from None
-        h, w = prep.height // 8, prep.width // 8
+        f = self.model.cfg.latent_factor
+        h, w = prep.height // f, prep.width // f
         if x_T is None:
             x_T = torch.randn((B, self.model.cfg.unet.in_channels, h, w), generator=g, dtype=torch.float32)
         res = sample(denoiser, _DeviceSampler(sampler, g), req.steps, x_T.to(dev, dt), generator=g,
@@ -452,7 +454,7 @@ class Generator:
             seconds={"prepare": t1 - t0, "conditioning": t2 - t1, "denoise": t3 - t2, "decode": t4 - t3,
                      "total": t4 - t0},
             warnings=prep.warnings,
-            prompts={"image": prep.img_prompt + ", " + req.a_prompt, "text": prep.text_prompt,
+            prompts={"image": image_prompt(prep.img_prompt, req.a_prompt), "text": prep.text_prompt,
                      "negative": req.n_prompt if guided else ""})
 
 

@@ -33,6 +33,12 @@ DEFAULT_N_PROMPT = ("low-res, bad anatomy, extra digit, fewer digits, cropped, w
 """The original demo's negative prompt."""
 
 
+def image_prompt(caption: str, a_prompt: str) -> str:
+    """The conditional branch's image prompt: ``caption + ", " + a_prompt``, as the original builds it (also when
+    ``a_prompt`` is empty: "caption, "). Generation, distillation and teacher training all use this."""
+    return caption + ", " + a_prompt
+
+
 @dataclass
 class Branches:
     """Encoded conditioning of a batch: the cond branch and optionally the uncond branch.

@@ -27,6 +27,20 @@ def register(subparsers) -> None:
     p.add_argument("--vertical-prob", type=float, default=0.15, help="probability that a line is vertical")
     p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
     p.add_argument("--font-dir", default=None, help="fonts to draw with (default: the system's fonts)")
+    p.add_argument("--font", default=None,
+                   help="one font (FILE or FILE#INDEX) for every line; 'default': the glyph renderer's font")
+    p.add_argument("--backgrounds", choices=("mixed", "simple"), default="mixed",
+                   help="photographs and procedural backgrounds, or plain colours, gradients and simple textures")
+    p.add_argument("--vocabulary", default="builtin",
+                   help="builtin, testbed-train (random strings, never a held-out word), testbed-heldout (the "
+                        "held-out words) or a UTF-8 word-list file (one line of text per row)")
+    p.add_argument("--text-size", default="0.04,0.12", metavar="LOW,HIGH",
+                   help="font size range as a fraction of the image's short side")
+    p.add_argument("--max-angle", type=float, default=60.0, help="largest tilt of a horizontal line (degrees)")
+    p.add_argument("--invalid-prob", type=float, default=0.1,
+                   help="probability of an extra faint word recorded as valid: false")
+    p.add_argument("--no-color-prob", type=float, default=0.1,
+                   help="probability that a line's colour is not recorded")
     p.add_argument("--shard-size", type=int, default=10000, help="rows per JSON file")
     p.add_argument("--workers", type=int, default=1, help="processes")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
@@ -60,9 +74,15 @@ def make_data(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.glob("anyword_synth*.json")) and not args.overwrite:
         raise UsageError(f"{out} already holds a dataset (anyword_synth*.json); pass --overwrite or another --out")
+    try:
+        text_size = tuple(float(v) for v in args.text_size.split(","))
+    except ValueError:
+        raise UsageError(f"--text-size {args.text_size!r}: expected LOW,HIGH (e.g. 0.04,0.12)") from None
     cfg = SynthConfig(num=args.num, size=args.size, vary_size=args.vary_size, min_lines=args.min_lines,
                       max_lines=args.max_lines, chinese_prob=args.chinese_prob, vertical_prob=args.vertical_prob,
-                      seed=args.seed, font_dir=args.font_dir, shard_size=args.shard_size)
+                      seed=args.seed, font_dir=args.font_dir, shard_size=args.shard_size, font=args.font,
+                      backgrounds=args.backgrounds, vocabulary=args.vocabulary, text_size=text_size,
+                      max_angle=args.max_angle, invalid_prob=args.invalid_prob, no_color_prob=args.no_color_prob)
     if args.overwrite:
         for old in out.glob("anyword_synth*.json"):
             old.unlink()

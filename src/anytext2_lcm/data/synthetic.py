@@ -30,34 +30,9 @@ from PIL import Image
 
 from .fonts import FontLibrary, FontSpec, system_font_files
 from .glyphs import render_alpha_tile
+from .words import VOCABULARIES, random_text
 
 log = logging.getLogger(__name__)
-
-WORDS_LATIN = (
-    "OPEN", "CLOSED", "SALE", "EXIT", "STOP", "Coffee", "Welcome", "Hello", "World", "Bakery", "Market", "Hotel",
-    "Pizza", "Books", "Music", "Garden", "Station", "Street", "Avenue", "Park", "Museum", "Cinema", "Theatre",
-    "Fresh", "Organic", "Daily", "Special", "Menu", "Breakfast", "Lunch", "Dinner", "Tea", "Juice", "Bread",
-    "Flowers", "Fashion", "Studio", "Design", "Future", "Dream", "Happy", "Birthday", "Holiday", "Summer",
-    "Winter", "Spring", "Autumn", "Ocean", "Mountain", "River", "Forest", "City", "Light", "Night", "Morning",
-    "Love", "Peace", "Hope", "Power", "Energy", "Space", "Rocket", "Planet", "Star", "Galaxy", "Robot", "Tech",
-    "Cloud", "Data", "Smart", "Home", "Family", "Friends", "Party", "Club", "Bar", "Grill", "Kitchen", "Shop",
-    "Store", "Outlet", "Discount", "Free", "New", "Best", "Quality", "Premium", "Classic", "Vintage", "Modern",
-    "Urban", "Travel", "Adventure", "Explore", "Journey", "Airport", "Taxi", "Parking", "Entrance", "Office",
-    "Bank", "School", "Library", "Hospital", "Pharmacy", "Police", "Fire", "Danger", "Caution", "Warning",
-    "Sunday", "Monday", "Friday", "Festival", "Concert", "Gallery", "Art", "Photo", "Camera", "Action", "Game",
-    "Sport", "Team", "Winner", "Gold", "Silver", "Blue", "Green", "Red", "Yellow", "Magic", "Wonder", "Smile",
-)
-WORDS_CHINESE = (
-    "你好", "世界", "欢迎光临", "咖啡", "中国", "北京", "上海", "开业大吉", "新年快乐", "春节", "促销", "特价",
-    "营业中", "出口", "入口", "停车场", "禁止吸烟", "小心地滑", "超市", "餐厅", "面包", "水果", "蔬菜", "茶",
-    "书店", "图书馆", "医院", "学校", "银行", "酒店", "电影", "音乐", "艺术", "设计", "科技", "未来", "梦想",
-    "希望", "和平", "自由", "时间", "天空", "大海", "山水", "花园", "月亮", "太阳", "星星", "朋友", "生日快乐",
-    "谢谢", "再见", "早安", "晚安", "美食", "火锅", "面条", "饺子", "包子", "奶茶", "啤酒", "旅行", "机场",
-    "火车站", "地铁", "公交", "出租车", "东方", "南方", "龙", "福", "喜", "春", "夏", "秋", "冬", "猫", "熊猫",
-    "长城", "故宫", "西湖", "黄河", "长江", "人民", "城市", "乡村", "工厂", "公园", "博物馆", "商店", "打折",
-    "免费", "新品", "精品", "老字号", "家常菜", "小吃", "甜品", "冰淇淋", "烧烤", "牛肉面", "早餐", "午餐",
-    "晚餐", "欢乐", "幸福", "平安", "健康", "吉祥", "如意", "恭喜发财", "万事如意", "学习", "工作", "生活",
-)
 
 COLOR_NAMES = {
     "black": (0, 0, 0), "white": (255, 255, 255), "red": (220, 30, 30), "green": (30, 160, 60),
@@ -96,6 +71,22 @@ class SynthConfig:
     """Rows per JSON file."""
     font_dir: str | None = None
     """Fonts to draw with (a FontLibrary folder); default: the system's fonts, found by file."""
+    font: str | None = None
+    """One font file (``FILE`` or ``FILE#INDEX``) for every line, or "default": the glyph renderer's default font
+    (the font the model's glyph images use, so a line's image and its glyphs have the same shapes). Overrides
+    ``font_dir``."""
+    backgrounds: str = "mixed"
+    """"mixed": scikit-image photographs (70 %) and procedural backgrounds; "simple": plain colours, gradients and
+    simple textures only (the testbed)."""
+    vocabulary: str = "builtin"
+    """Where line texts come from: "builtin" (sign-like words), "testbed-train" (random strings, never a held-out
+    word), "testbed-heldout" (the held-out words), or a UTF-8 file with one line per row (see ``data.words``)."""
+    text_size: tuple[float, float] = (0.04, 0.12)
+    """Range of the font size as a fraction of the image's short side; a line too long for the image at the drawn
+    size is drawn smaller (down to the low end) before it is given up."""
+    max_angle: float = 60.0
+    """Largest tilt of a horizontal line in degrees (65 % of lines lie within ±3°, 25 % within ±25°, the rest within
+    ±60°; each range is capped at this)."""
 
     def __post_init__(self) -> None:
         from ..config import ConfigError
@@ -112,6 +103,17 @@ class SynthConfig:
         for name in ("chinese_prob", "vertical_prob", "invalid_prob", "no_color_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"make-data.{name}={getattr(self, name)}: must lie in [0, 1]")
+        if self.backgrounds not in ("mixed", "simple"):
+            raise ConfigError(f"make-data.backgrounds={self.backgrounds!r}: must be 'mixed' or 'simple'")
+        if self.vocabulary not in VOCABULARIES and not os.path.isfile(self.vocabulary):
+            raise ConfigError(f"make-data.vocabulary={self.vocabulary!r}: not one of {', '.join(VOCABULARIES)} "
+                              "and not a word-list file")
+        lo, hi = (float(v) for v in self.text_size)
+        if not 0 < lo <= hi < 1:
+            raise ConfigError(f"make-data.text_size={self.text_size!r}: need 0 < low <= high < 1")
+        self.text_size = (lo, hi)
+        if not 0 <= self.max_angle <= 90:
+            raise ConfigError(f"make-data.max_angle={self.max_angle!r}: must lie in [0, 90]")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,8 +133,14 @@ class SynthFonts:
 
 
 @functools.lru_cache(maxsize=4)
-def synth_fonts(font_dir: str | None = None) -> SynthFonts:
-    """Fonts that cover basic Latin (and, for ``cjk``, common Chinese), sorted by path (deterministic)."""
+def synth_fonts(font_dir: str | None = None, font: str | None = None) -> SynthFonts:
+    """Fonts that cover basic Latin (and, for ``cjk``, common Chinese), sorted by path (deterministic); ``font``:
+    just that one ("default": the glyph renderer's default font)."""
+    if font:
+        from .fonts import find_default_font
+
+        spec = find_default_font(None if font == "default" else font)
+        return SynthFonts([spec], [spec] if _safe_covers(spec, "的一是了你好世界") else [])
     if font_dir:
         specs = FontLibrary.from_dir(font_dir).all_fonts()
     else:
@@ -230,8 +238,18 @@ def _random_color(rng: np.random.Generator) -> np.ndarray:
     return np.array([r, g, b]) * 255
 
 
-def _procedural_background(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, str]:
-    kind = int(rng.integers(4))
+def _simple_background(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, str]:
+    """A plain colour (a third), else a gradient, soft stripes or paper."""
+    if rng.random() < 1 / 3:
+        c = _random_color(rng)
+        img = np.broadcast_to(c[None, None], (h, w, 3)) + rng.normal(0, 2.0, (h, w, 1))
+        return np.clip(img, 0, 255).astype(np.uint8), "a plain background"
+    return _procedural_background(rng, w, h, kinds=(0, 1, 3))
+
+
+def _procedural_background(rng: np.random.Generator, w: int, h: int,
+                           kinds: tuple[int, ...] = (0, 1, 2, 3)) -> tuple[np.ndarray, str]:
+    kind = kinds[int(rng.integers(len(kinds)))]
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     c1, c2 = _random_color(rng), _random_color(rng)
     if kind == 0:
@@ -261,23 +279,6 @@ def _procedural_background(rng: np.random.Generator, w: int, h: int) -> tuple[np
 # ---------------------------------------------------------------------------------------------------------------
 # Lines
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _random_text(rng: np.random.Generator, chinese: bool) -> str:
-    if chinese:
-        n = 1 if rng.random() < 0.7 else 2
-        return "".join(WORDS_CHINESE[int(i)] for i in rng.integers(len(WORDS_CHINESE), size=n))[:12]
-    n = int(rng.choice([1, 1, 1, 2, 2, 3]))
-    words = [WORDS_LATIN[int(i)] for i in rng.integers(len(WORDS_LATIN), size=n)]
-    style = rng.random()
-    text = " ".join(words)
-    if style < 0.25:
-        text = text.upper()
-    elif style < 0.35:
-        text = text.lower()
-    if rng.random() < 0.1:
-        text = f"{text} {int(rng.integers(1, 2030))}"
-    return text[:20].strip()
 
 
 def _rotated_rect(cx: float, cy: float, long_side: float, short_side: float, deg: float) -> np.ndarray:
@@ -316,18 +317,27 @@ def _color_name(rgb) -> str:
 
 
 def _place_line(img: np.ndarray, occupied: np.ndarray, text: str, spec: FontSpec, vertical: bool, size_px: int,
-                rng: np.random.Generator, faint: bool = False):
-    """Try to put ``text`` somewhere free; returns (polygon (4, 2) float, colour) or None."""
+                rng: np.random.Generator, faint: bool = False, min_size_px: int | None = None,
+                max_angle: float = 60.0):
+    """Try to put ``text`` somewhere free; returns (polygon (4, 2) float, colour) or None. A line longer than the
+    image at ``size_px`` is drawn smaller, down to ``min_size_px``."""
     h, w = img.shape[:2]
+    limit = 0.92 * (h if vertical else w)
     font = spec.load(size_px)
     long_side, short_side = _line_box(font, text, vertical)
-    if long_side > 0.92 * (h if vertical else w) or short_side < 4:
+    if long_side > limit and min_size_px is not None and min_size_px < size_px:
+        size_px = max(min_size_px, int(size_px * limit / long_side))
+        font = spec.load(size_px)
+        long_side, short_side = _line_box(font, text, vertical)
+    if long_side > limit or short_side < 4:
         return None
     if vertical:
         deg = 90.0 + rng.uniform(-3, 3)
     else:
         r = rng.random()
-        deg = rng.uniform(-3, 3) if r < 0.65 else (rng.uniform(-25, 25) if r < 0.9 else rng.uniform(-60, 60))
+        span = 3.0 if r < 0.65 else (25.0 if r < 0.9 else 60.0)
+        span = min(span, max_angle)
+        deg = rng.uniform(-span, span)
     for _ in range(30):
         cx, cy = rng.uniform(0, w), rng.uniform(0, h)
         poly = _rotated_rect(cx, cy, long_side, short_side, deg)
@@ -364,13 +374,16 @@ def _place_line(img: np.ndarray, occupied: np.ndarray, text: str, spec: FontSpec
 def generate_sample(index: int, cfg: SynthConfig) -> tuple[np.ndarray, dict]:
     """Image ``index``: (H, W, 3) uint8 RGB and its ``data_list`` entry (without ``img_name``)."""
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, index]))
-    fonts = synth_fonts(cfg.font_dir)
+    fonts = synth_fonts(cfg.font_dir, cfg.font)
     if cfg.vary_size:
         w = int(round(cfg.size * rng.uniform(0.75, 1.5) / 8)) * 8
         h = int(round(w * rng.uniform(0.75, 1.33) / 8)) * 8
     else:
         w = h = cfg.size
-    img, desc = _photo_background(rng, w, h) if rng.random() < 0.7 else _procedural_background(rng, w, h)
+    if cfg.backgrounds == "simple":
+        img, desc = _simple_background(rng, w, h)
+    else:
+        img, desc = _photo_background(rng, w, h) if rng.random() < 0.7 else _procedural_background(rng, w, h)
     occupied = np.zeros((h, w), np.uint8)
     n_target = int(rng.integers(cfg.min_lines, cfg.max_lines + 1))
     annotations, used_colors, texts, langs = [], [], [], []
@@ -378,13 +391,14 @@ def generate_sample(index: int, cfg: SynthConfig) -> tuple[np.ndarray, dict]:
     while len(annotations) < n_target and attempts < 4 * n_target:
         attempts += 1
         chinese = rng.random() < cfg.chinese_prob
-        text = _random_text(rng, chinese)
+        text = random_text(cfg.vocabulary, rng, chinese)
         spec = fonts.pick(text, chinese, rng)
         vertical = rng.random() < cfg.vertical_prob and len(text) <= 8
-        size_px = int(min(w, h) * rng.uniform(0.04, 0.12))
+        size_px = int(min(w, h) * rng.uniform(*cfg.text_size))
         if spec is None or size_px < 8:
             continue
-        placed = _place_line(img, occupied, text, spec, vertical, size_px, rng)
+        placed = _place_line(img, occupied, text, spec, vertical, size_px, rng,
+                             min_size_px=max(8, int(min(w, h) * cfg.text_size[0])), max_angle=cfg.max_angle)
         if placed is None:
             continue
         poly, color = placed
@@ -397,7 +411,7 @@ def generate_sample(index: int, cfg: SynthConfig) -> tuple[np.ndarray, dict]:
         texts.append(text)
         langs.append("Chinese" if chinese else "English")
     if rng.random() < cfg.invalid_prob:
-        text = _random_text(rng, False)
+        text = random_text(cfg.vocabulary, rng, False)
         spec = fonts.pick(text, False, rng)
         if spec is not None:
             placed = _place_line(img, occupied, text, spec, False, max(int(min(w, h) * 0.025), 8), rng, faint=True)
@@ -443,7 +457,7 @@ def write_dataset(cfg: SynthConfig, out: str | os.PathLike, workers: int = 1) ->
     out = Path(out)
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
-    synth_fonts(cfg.font_dir)  # fail early (and once) when no CJK font exists
+    synth_fonts(cfg.font_dir, cfg.font)  # fail early (and once) when no CJK font exists
     chunk = 16
     jobs = [(list(range(s, min(s + chunk, cfg.num))), cfg, str(img_dir)) for s in range(0, cfg.num, chunk)]
     rows: list[dict] = []

@@ -143,6 +143,10 @@ class Method:
         """The module whose ``forward`` carries the gradient (wrapped by DDP)."""
         raise NotImplementedError
 
+    def prepare(self, model: nn.Module, batch: dict, seed: int, epoch: int, device) -> TrainBatch:
+        """A collated data batch → what :meth:`step` takes (default: :func:`prepare_batch`)."""
+        return prepare_batch(model, batch, seed, epoch, device)
+
     def step(self, net: nn.Module, model: nn.Module, tb: TrainBatch) -> StepOutput:
         """The loss of one micro-batch."""
         raise NotImplementedError

@@ -43,16 +43,24 @@ def register(subparsers) -> None:
     d.set_defaults(func=lambda a: run_command(a, None))
     t = subparsers.add_parser(
         "train-teacher", formatter_class=fmt, help="train AnyText2 itself (WriteNet, text embedding, AttnX)",
-        description="AnyText2's own objective: ε-MSE outside inv_mask, training the WriteNet, the text-embedding "
-                    "module and AttnX. Writes a converted model folder usable as a distillation teacher.")
+        description="AnyText2's own objective (method: teacher): ε-MSE outside inv_mask, training the WriteNet, the "
+                    "text-embedding module and AttnX (and the UNet, for a model trained from nothing); or the "
+                    "autoencoder (method: vae) such a model needs first. Writes a converted model folder usable as "
+                    "the next stage's model.teacher or as a distillation teacher.")
     _add_common(t)
-    t.set_defaults(func=lambda a: run_command(a, "teacher"))
+    t.set_defaults(func=_train_teacher)
 
 
-def build_config(args, method: str | None):
+def _train_teacher(args) -> int:
+    from .config import TEACHER_METHODS
+
+    return run_command(args, TEACHER_METHODS)
+
+
+def build_config(args, method: str | tuple[str, ...] | None):
     """The validated config of a command line (no model is built)."""
     from ..config import ConfigError
-    from .config import load_config
+    from .config import TEACHER_METHODS, load_config
 
     overrides = list(args.sets) + list(args.overrides)
     if args.resume is not None:
@@ -62,12 +70,12 @@ def build_config(args, method: str | None):
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     cfg = load_config(args.config, overrides, method=method)
-    if method is None and cfg.method == "teacher":
-        raise ConfigError("method='teacher': use `anytext2-lcm train-teacher` for the teacher objective")
+    if method is None and cfg.method in TEACHER_METHODS:
+        raise ConfigError(f"method={cfg.method!r}: use `anytext2-lcm train-teacher` for the teacher's own objectives")
     return cfg
 
 
-def run_command(args, method: str | None) -> int:
+def run_command(args, method: str | tuple[str, ...] | None) -> int:
     from ..data.skips import TooManySkipsError
     from .config import dump_yaml
 

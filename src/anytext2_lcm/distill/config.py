@@ -43,8 +43,11 @@ from ..lora import LoraSpec
 from ..pipeline import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
 from ..samplers.pcm import PCM_CONVENTIONS
 
-METHODS = ("lcm", "pcm", "teacher")
+METHODS = ("lcm", "pcm", "teacher", "vae", "ocr")
 """Training objectives this trainer runs."""
+TEACHER_METHODS = ("teacher", "vae", "ocr")
+"""The methods that train the teacher itself (``anytext2-lcm train-teacher``): AnyText2's objective, and the
+autoencoder and glyph recogniser that a teacher trained from nothing needs first."""
 DISTILL_METHODS = ("lcm", "pcm")
 """The methods that distil a LoRA student from the frozen teacher."""
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -52,7 +55,7 @@ LOSSES = ("huber", "l2")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "adamw8bit")
 VALIDATION_SAMPLERS = ("lcm", "tcd", "pcm", "ddim")
-TEACHER_TRAINABLE = ("writenet", "embedding_manager", "attnx")
+TEACHER_TRAINABLE = ("writenet", "embedding_manager", "attnx", "unet")
 
 
 def _check(cond: bool, name: str, value: Any, rule: str) -> None:
@@ -194,11 +197,28 @@ class PCMSection:
 class TeacherTrainingSection:
     """AnyText2's own objective (``method: teacher``): ε-MSE outside ``inv_mask``."""
 
-    trainable: tuple[str, ...] = TEACHER_TRAINABLE
-    """What trains (the original recipe: all three): "writenet" (``control_model``), "embedding_manager" (the
-    text-embedding module incl. its font OCR) and "attnx" (the UNet's attn1x/attn2x). Everything else is frozen."""
+    trainable: tuple[str, ...] = ("writenet", "embedding_manager", "attnx")
+    """What trains (the original recipe: these three): "writenet" (``control_model``), "embedding_manager" (the
+    text-embedding module incl. its font OCR), "attnx" (the UNet's attn1x/attn2x), and "unet" (the whole UNet, for a
+    teacher trained from nothing: on top of a pretrained SD-1.5 the original keeps it frozen). Everything else (VAE,
+    CLIP, the glyph OCR) is frozen."""
+    text_loss_weight: float = 0.0
+    """λ: the ε-MSE is weighted 1 + λ in latent cells that touch a text line (0: AnyText2's objective as is). Text
+    covers a few percent of a small image, so a model trained from nothing learns the glyphs last without it."""
+    empty_prompt_fraction: float = 0.0
+    """Probability that a sample's image and text prompts are both replaced by "" (glyphs, positions and masked
+    image kept: the unconditional branch of AnyText2's CFG). SD-1.5 learnt its unconditional branch in
+    pretraining; a model trained from nothing needs this to be sampled with CFG (SD's recipe: 0.1)."""
+    a_prompt_fraction: float = 0.0
+    """Probability that ``distill.a_prompt`` is appended to a sample's image caption (``caption, a_prompt``), as
+    generation does; a model trained from nothing then knows that prompt."""
 
     def __post_init__(self) -> None:
+        _check(_is_num(self.text_loss_weight) and self.text_loss_weight >= 0, "teacher_training.text_loss_weight",
+               self.text_loss_weight, "must be >= 0")
+        for name in ("empty_prompt_fraction", "a_prompt_fraction"):
+            v = getattr(self, name)
+            _check(_is_num(v) and 0.0 <= v <= 1.0, f"teacher_training.{name}", v, "must lie in [0, 1]")
         t = self.trainable
         if isinstance(t, str):
             t = (t,)
@@ -208,6 +228,31 @@ class TeacherTrainingSection:
         _check(not bad, "teacher_training.trainable", self.trainable, f"unknown part(s) {bad}; known: "
                f"{TEACHER_TRAINABLE}")
         self.trainable = tuple(t)
+
+
+@dataclass(kw_only=True)
+class AutoencoderSection:
+    """The autoencoder objective (``method: vae``): the model's VAE trained as a deterministic autoencoder on the
+    data's images (L1 + L2 reconstruction of the posterior mean), then calibrated for diffusion (``distill.vae``)."""
+
+    crop: int = 64
+    """Train on random crops of this side, aligned to the latent grid (0: whole images). The networks are
+    convolutional, so the result is used on whole images; crops cost a fraction of the time."""
+    text_loss_weight: float = 4.0
+    """λ: the reconstruction error is weighted 1 + λ inside the text lines (their positions)."""
+    posterior_std: float = 0.01
+    """Posterior standard deviation after calibration, relative to the latent standard deviation."""
+    calibration_samples: int = 256
+    """Training images whose latents set the scale (scale_factor × latent has unit standard deviation)."""
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.crop) and self.crop >= 0, "vae_training.crop", self.crop, "must be an integer >= 0")
+        _check(_is_num(self.text_loss_weight) and self.text_loss_weight >= 0, "vae_training.text_loss_weight",
+               self.text_loss_weight, "must be >= 0")
+        _check(_is_num(self.posterior_std) and self.posterior_std > 0, "vae_training.posterior_std",
+               self.posterior_std, "must be > 0")
+        _check(_is_int(self.calibration_samples) and self.calibration_samples >= 1,
+               "vae_training.calibration_samples", self.calibration_samples, "must be an integer >= 1")
 
 
 @dataclass(kw_only=True)
@@ -416,7 +461,8 @@ class TrainConfig:
 
     method: str = "lcm"
     """Objective: "lcm" (LCM-LoRA distillation from the frozen teacher), "pcm" (phased consistency distillation,
-    section ``pcm``) or "teacher" (AnyText2's own objective)."""
+    section ``pcm``), "teacher" (AnyText2's own objective), "vae" (the autoencoder, section ``vae_training``) or "ocr"
+    (the glyph recogniser, CTC; ``distill.recognizer``)."""
     output_dir: str = "runs/distill"
     """Run folder: checkpoints/, logs/ (TensorBoard), metrics.jsonl, validation/, config.yaml and the results
     (adapter/ + adapter.safetensors; a teacher run: model/)."""
@@ -428,6 +474,7 @@ class TrainConfig:
     distill: DistillSection = field(default_factory=DistillSection)
     pcm: PCMSection = field(default_factory=PCMSection)
     teacher_training: TeacherTrainingSection = field(default_factory=TeacherTrainingSection)
+    vae_training: AutoencoderSection = field(default_factory=AutoencoderSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -454,7 +501,7 @@ class TrainConfig:
                    "change the teacher")
             _check(self.validation.sampler != "ddim" or self.validation.every_n_steps == 0, "validation.sampler",
                    self.validation.sampler, "a distilled student is validated with lcm, tcd or pcm")
-        else:
+        elif self.method == "teacher":
             _check(self.validation.sampler == "ddim" or self.validation.every_n_steps == 0, "validation.sampler",
                    self.validation.sampler, "a teacher is validated with ddim (and e.g. steps [20], cfg_scale 7.5)")
         _check(self.optim.lr_warmup_steps <= self.train.max_steps or self.optim.lr_scheduler == "constant",
@@ -486,6 +533,8 @@ class TrainConfig:
             s.update({"model.init": self.model.init, "model.init_seed": self.model.init_seed})
         if self.method == "teacher":
             s["teacher_training.trainable"] = list(self.teacher_training.trainable)
+        elif self.method == "vae":
+            s["vae_training.crop"] = self.vae_training.crop
         else:
             s.update({"lora.rank": self.lora.rank, "lora.alpha": float(self.lora.alpha),
                       "lora.targets": self.lora.targets if isinstance(self.lora.targets, str)
@@ -620,7 +669,8 @@ def check_paths(cfg: TrainConfig) -> None:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                base: dict | None = None, check_files: bool = True, method: str | None = None) -> TrainConfig:
+                base: dict | None = None, check_files: bool = True,
+                method: str | tuple[str, ...] | None = None) -> TrainConfig:
     """Read, override, build and validate a configuration; no model is built.
 
     Args:
@@ -628,16 +678,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         overrides: ``key.sub=value`` strings applied after the file.
         base: plain-data config to start from when ``path`` is None.
         check_files: also check that data, teacher and resume paths exist (:func:`check_paths`).
-        method: force ``method`` (the ``train-teacher`` command passes "teacher").
+        method: force ``method``; a tuple: the method must be one of them, the first is the default (the
+            ``train-teacher`` command passes :data:`TEACHER_METHODS`).
     Raises:
         ConfigError: the first invalid value, named by its dotted field.
         FileNotFoundError: the YAML file does not exist.
     """
     d = read_yaml(path) if path is not None else json.loads(json.dumps(base or {}))
     if method is not None:
-        if d.get("method", method) != method:
-            raise ConfigError(f"method={d['method']!r}: this command trains method {method!r}")
-        d["method"] = method
+        allowed = (method,) if isinstance(method, str) else tuple(method)
+        if d.get("method", allowed[0]) not in allowed:
+            raise ConfigError(f"method={d['method']!r}: this command trains {' or '.join(map(repr, allowed))}")
+        d["method"] = d.get("method", allowed[0])
     apply_overrides(d, overrides or [])
     cfg = config_from_dict(d)
     if check_files:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..lora import LoraSpec, apply_lora, disable_adapters, lora_layers, save_lora
-from ..pipeline import Branches, GuidedDenoiser, encode_branches
+from ..pipeline import Branches, GuidedDenoiser, encode_branches, image_prompt
 from ..samplers.schedule import NoiseSchedule
 from .batch import Method, StepOutput, TrainBatch, randn_per_sample, text_weight_map
 from .losses import huber_loss, l2_loss
@@ -79,7 +79,7 @@ def distill_conditions(model: nn.Module, tb: TrainBatch, a_prompt: str, n_prompt
     ``writenet_lora``: whether a LoRA sits in the WriteNet (None: look it up).
     """
     B = tb.batch_size
-    img_prompts = [c + ", " + a_prompt if a_prompt else c for c in tb.img_captions]
+    img_prompts = [image_prompt(c, a_prompt) for c in tb.img_captions]
     with disable_adapters(model):
         branches = encode_branches(model, tb.text_info, img_prompts, tb.text_captions, [n_prompt] * B, [""] * B)
     if writenet_lora is None:

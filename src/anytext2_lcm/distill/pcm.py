@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from ..lora import disable_adapters, save_lora
-from ..pipeline import GuidedDenoiser, encode_branches
+from ..pipeline import GuidedDenoiser, encode_branches, image_prompt
 from ..samplers.schedule import NoiseSchedule
 from .batch import StepOutput, TrainBatch
 from .lcm import DistillConditions, LCMMethod, distance, draw_step, guided_teacher, student_eps, target_eps
@@ -59,8 +59,7 @@ def pcm_conditions(model: nn.Module, tb: TrainBatch, a_prompt: str, n_prompt: st
         cfg_free: no uncond branch is encoded (the CFG-free teacher never uses it).
     """
     B = tb.batch_size
-    img = [empty_image_prompt if e else (c + ", " + a_prompt if a_prompt else c) for c, e in zip(tb.img_captions,
-                                                                                                 empty)]
+    img = [empty_image_prompt if e else image_prompt(c, a_prompt) for c, e in zip(tb.img_captions, empty)]
     txt = ["" if e else t for t, e in zip(tb.text_captions, empty)]
     with disable_adapters(model):
         branches = encode_branches(model, tb.text_info, img, txt, None if cfg_free else [n_prompt] * B,

@@ -1,7 +1,7 @@
 """The training loop on Accelerate: one process, many GPUs or many nodes (``accelerate launch``), CPU included.
 
 :func:`train` runs a :class:`~.config.TrainConfig` to the end (or to a preemption) and returns a :class:`RunResult`.
-The method (``lcm``, ``pcm``, ``teacher``) supplies what trains and the loss of a micro-step; this file does the rest:
+The method (``lcm``, ``pcm``, ``teacher``, ``vae``, ``ocr``) supplies what trains and the loss of a micro-step; this file does the rest:
 
 * **Data**: the AnyWord reader with an epoch-seeded order sharded by rank (``data.collate.EpochSampler``); the
   position inside the epoch, the epoch and the skip counters are checkpointed per rank. Per-sample randomness comes
@@ -44,7 +44,8 @@ import torch
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..data.skips import TooManySkipsError
-from .batch import Method, prepare_batch
+from .autoencoder import VAEMethod
+from .batch import Method
 from .checkpoints import CheckpointManager, CheckpointReader, checkpoint_name
 from .components import (StopSignals, build_teacher, enable_gradient_checkpointing, flatten, load_trainable,
                          make_optimizer, teacher_fingerprint, trainable_state)
@@ -52,12 +53,14 @@ from .config import TrainConfig, dump_yaml
 from .data import build_loader
 from .lcm import LCMMethod
 from .pcm import PCMMethod
+from .recognizer import OCRMethod
 from .state import TrainState, WindowState, capture_rng, restore_rng, seed_everything
 from .teacher import TeacherMethod
 
 log = logging.getLogger(__name__)
 
-METHODS: dict[str, type[Method]] = {"lcm": LCMMethod, "pcm": PCMMethod, "teacher": TeacherMethod}
+METHODS: dict[str, type[Method]] = {"lcm": LCMMethod, "pcm": PCMMethod, "teacher": TeacherMethod, "vae": VAEMethod,
+                                    "ocr": OCRMethod}
 """Method name → implementation."""
 EXIT_PREEMPTED = 143
 
@@ -429,7 +432,7 @@ class Trainer:
         with ctx:
             with acc.autocast():
                 if kept:
-                    tb = prepare_batch(self.model, batch, cfg.train.seed, s.epoch, acc.device)
+                    tb = self.method.prepare(self.model, batch, cfg.train.seed, s.epoch, acc.device)
                     self._stash = tb
                 else:
                     # Every sample was skipped: run the last good batch with weight 0, so that this rank still

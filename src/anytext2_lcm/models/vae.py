@@ -22,7 +22,7 @@ def diffusers_vae_config(cfg: VAEConfig) -> dict:
     return dict(in_channels=cfg.in_channels, out_channels=cfg.out_ch, latent_channels=cfg.z_channels,
                 block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult), layers_per_block=cfg.num_res_blocks,
                 down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                norm_num_groups=32, sample_size=cfg.resolution, act_fn="silu")
+                norm_num_groups=cfg.norm_groups, sample_size=cfg.resolution, act_fn="silu")
 
 
 def ldm_vae_keys(cfg: VAEConfig) -> list[tuple[str, tuple[int, ...]]]:

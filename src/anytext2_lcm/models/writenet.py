@@ -15,11 +15,18 @@ from ..config import WriteNetConfig
 from .blocks import TimestepEmbedSequential, build_encoder, build_middle, run_block, time_embed_mlp, timestep_embedding
 
 
-def _hint_encoder(in_ch: int, widths: list[tuple[int, int]]) -> TimestepEmbedSequential:
-    """3x3 convs (out_channels, stride) each followed by SiLU; conv keys at even indices .0, .2, ..."""
+def _hint_encoder(in_ch: int, widths: list[tuple[int, int]], downsample: int) -> TimestepEmbedSequential:
+    """3x3 convs (out_channels, stride) each followed by SiLU; conv keys at even indices .0, .2, ...
+
+    The first log2(``downsample``) stride-2 convs keep their stride, later ones get stride 1 (a VAE that
+    downsamples less than SD's 8): same weights, same keys, output at the latent resolution."""
     layers: list[nn.Module] = []
     ch = in_ch
+    halvings = downsample.bit_length() - 1
     for out, stride in widths:
+        if stride == 2:
+            stride = 2 if halvings > 0 else 1
+            halvings -= 1
         layers += [nn.Conv2d(ch, out, 3, padding=1, stride=stride), nn.SiLU()]
         ch = out
     return TimestepEmbedSequential(*layers)
@@ -45,8 +52,9 @@ class WriteNet(nn.Module):
         self.cfg = cfg
         self.gradient_checkpointing = False
         mc = cfg.model_channels
-        self.glyph_block = _hint_encoder(cfg.glyph_channels, _GLYPH_WIDTHS[cfg.glyph_scale])
-        self.position_block = _hint_encoder(cfg.position_channels, _POSITION_WIDTHS)
+        self.glyph_block = _hint_encoder(cfg.glyph_channels, _GLYPH_WIDTHS[cfg.glyph_scale],
+                                         cfg.latent_factor * cfg.glyph_scale)
+        self.position_block = _hint_encoder(cfg.position_channels, _POSITION_WIDTHS, cfg.latent_factor)
         self.fuse_block_za = nn.Conv2d(256 + 64 + cfg.in_channels, mc, 3, padding=1)
         self.time_embed = time_embed_mlp(mc)
         self.input_blocks, ch, chans = build_encoder(cfg, attnx=False)
@@ -67,7 +75,7 @@ class WriteNet(nn.Module):
             glyphs: (B, L, C, H·g, W·g) rendered glyphs of each line slot (g = glyph_scale); only
                 ``sum over lines and channels != 0`` is used.
             positions: (B, L, 1, H, W) position masks; summed over lines (not clipped).
-            masked_x: (B, 4, H/8, W/8) masked-image latent.
+            masked_x: (B, 4, H/f, W/f) masked-image latent (f = ``latent_factor``, 8 in SD).
         Returns:
             Residuals in encoder order (input blocks, then the middle block), e.g. 13 for SD-1.5,
             shapes (B, C_i, h_i, w_i).
