@@ -132,7 +132,7 @@ def test_batched_cfg_with_padded_contexts_equals_separate_passes(model):
 @pytest.mark.parametrize("kw, msg", [
     (dict(positions=BOXES[:1]), "2 quoted text lines but only 1 positions"),
     (dict(positions=None, mask=np.zeros((128, 128), np.uint8)), "no position found"),
-    (dict(height=100), "multiple of 64"),
+    (dict(height=100), "multiple of 32 for this model"),
     (dict(positions=[[500, 500, 600, 600], BOXES[1]]), "outside"),
     (dict(positions=[[10, 10, 10, 40], BOXES[1]]), "no area"),
     (dict(colors=[(1, 2)]), "colors[0]"),
@@ -167,10 +167,10 @@ def test_font_without_the_needed_glyph(model):
 def test_generate_cli_same_bytes_and_edit_mode(tmp_path):
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps([[64, 96, 448, 192], [[96, 300], [420, 280], [428, 380], [104, 400]]]))
-    base = [sys.executable, "-m", "anytext2_lcm.cli", "generate", "--model", "tiny", "--prompt",
+    base = [sys.executable, "-m", "anytext2_lcm.cli", "generate", "--model", "tiny", "--width", "512", "--prompt",
             'a shop sign that says "Hello" and "世界"', "--boxes", str(boxes), "--seed", "1", "--steps", "2"]
     for name in ("a.png", "b.png"):
-        r = subprocess.run(base + ["--out", str(tmp_path / name)], capture_output=True, text=True)
+        r = subprocess.run(base + ["--height", "512", "--out", str(tmp_path / name)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     Image.fromarray(np.full((512, 512, 3), 90, np.uint8)).save(tmp_path / "src.png")

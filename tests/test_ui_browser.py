@@ -74,7 +74,7 @@ def adapter(tmp_path_factory) -> Path:
     import torch
 
     from anytext2_lcm import lora as L
-    from anytext2_lcm.commands.common import build_model
+    from anytext2_lcm.factory import build_model
 
     m = build_model("tiny")
     L.apply_lora(m, L.LoraSpec(rank=4, alpha=4))

@@ -208,8 +208,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_converted(model: torch.nn.Module, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write ``model`` as a converted folder (atomic: temporary folder, manifest last, then rename)."""
+def save_converted(model: torch.nn.Module, out_dir: str | Path, extra: dict | None = None,
+                   dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` as a converted folder (atomic: temporary folder, manifest last, then rename).
+
+    ``dtype``: store the components' floating-point tensors in this precision (e.g. fp16 for a model that ships
+    inside the package; loading casts them back to the model's dtype). The noise schedule stays fp32."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -224,7 +228,10 @@ def save_converted(model: torch.nn.Module, out_dir: str | Path, extra: dict | No
     for k, v in sd.items():
         for name, prefix in COMPONENTS.items():
             if k.startswith(prefix):
-                groups[name][k[len(prefix):]] = v.detach().contiguous().cpu()
+                t = v.detach().cpu()
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                groups[name][k[len(prefix):]] = t.contiguous()
                 break
         else:
             groups["schedule"][k] = v.detach().contiguous().cpu()

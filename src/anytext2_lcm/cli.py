@@ -1,6 +1,6 @@
 """The ``anytext2-lcm`` command line.
 
-Each area of the package owns its subcommands in its own module, which exposes ``register(subparsers)``;
+Every subcommand lives in ``anytext2_lcm/commands/``, one module per area, each exposing ``register(subparsers)``;
 this file only lists those modules. A subcommand's handler receives the parsed ``argparse.Namespace`` and
 returns an exit status (0 = success). Errors a user can fix (bad flags, missing files, invalid configs) are
 raised as :class:`UsageError` (or ``ConfigError`` / ``FileNotFoundError``) and printed as one line, exit 2.
@@ -14,14 +14,14 @@ import logging
 import os
 import sys
 
-# Modules that provide ``register(subparsers)``. A module that does not exist yet is skipped.
+# Modules that provide ``register(subparsers)``, in the order of ``--help``.
 COMMAND_MODULES = (
     "anytext2_lcm.commands.model",        # convert, parity, config-docs
     "anytext2_lcm.commands.generate",     # generate
-    "anytext2_lcm.lora_commands",         # inspect, export (LoRA targets, adapters, merged checkpoints)
-    "anytext2_lcm.data.commands",         # make-data, validate-data
-    "anytext2_lcm.distill.commands",      # distill, train-teacher
-    "anytext2_lcm.evaluate.commands",     # evaluate, bench
+    "anytext2_lcm.commands.lora",         # inspect, export (LoRA targets, adapters, merged checkpoints)
+    "anytext2_lcm.commands.data",         # make-data, validate-data
+    "anytext2_lcm.commands.train",        # distill, train-teacher
+    "anytext2_lcm.commands.evaluate",     # evaluate, bench
     "anytext2_lcm.commands.demo",         # demo
     "anytext2_lcm.commands.ui",           # ui
 )
@@ -40,13 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and name.startswith(e.name):
-                continue
-            raise
-        mod.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

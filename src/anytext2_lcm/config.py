@@ -331,6 +331,8 @@ class ModelConfig:
     """The noise schedule and latent scale."""
     name: str = "custom"
     """Preset name (informational)."""
+    image_size: int = 512
+    """The size the model was trained at: the default generation size (sd15 512, testbed 128, tiny 64)."""
 
     def __post_init__(self) -> None:
         u, w = self.unet, self.writenet
@@ -345,6 +347,8 @@ class ModelConfig:
                f"must equal clip.hidden_size ({self.clip.hidden_size})")
         _check(w.latent_factor == self.vae.downsample_factor, "writenet.latent_factor", w.latent_factor,
                f"must equal the VAE's downsampling ({self.vae.downsample_factor} = 2 ** (len(vae.ch_mult) - 1))")
+        _check(self.image_size > 0 and self.image_size % self.size_multiple == 0, "model.image_size", self.image_size,
+               f"must be a positive multiple of {self.size_multiple}")
         _check(w.in_channels == self.vae.z_channels, "writenet.in_channels", w.in_channels,
                f"must equal vae.z_channels ({self.vae.z_channels})")
         _check(u.in_channels == self.vae.z_channels, "unet.in_channels", u.in_channels,
@@ -372,10 +376,10 @@ class ModelConfig:
         for k, v in d.items():
             if k in subs:
                 kwargs[k] = _build(subs[k], v, k)
-            elif k == "name":
+            elif k in ("name", "image_size"):
                 kwargs[k] = v
             else:
-                raise ConfigError(f"model.{k}: unknown field (known: {sorted(subs) + ['name']})")
+                raise ConfigError(f"model.{k}: unknown field (known: {sorted(subs) + ['image_size', 'name']})")
         return cls(**kwargs)
 
 
@@ -403,7 +407,7 @@ def tiny() -> ModelConfig:
                  num_heads=2, transformer_depth=1, context_dim=16)
     small_ocr = dict(backbone_scale=0.125, neck_depth=1, neck_hidden_dims=16, num_classes=97)
     return ModelConfig(
-        name="tiny",
+        name="tiny", image_size=64,
         unet=UNetConfig(**trunk, output_attnx_level=(1,)),
         writenet=WriteNetConfig(**trunk),
         vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, resolution=64),
@@ -423,7 +427,7 @@ def testbed() -> ModelConfig:
                  num_heads=4, transformer_depth=1, context_dim=32)
     small_ocr = dict(backbone_scale=0.125, neck_dims=32, neck_depth=1, neck_hidden_dims=32)
     return ModelConfig(
-        name="testbed",
+        name="testbed", image_size=128,
         unet=UNetConfig(**trunk, output_attnx_level=(2, 1)),
         writenet=WriteNetConfig(**trunk, latent_factor=4),
         vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=128, norm_groups=8),

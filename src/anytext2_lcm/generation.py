@@ -47,13 +47,16 @@ from .data.glyphs import (DegeneratePolygonError, polygon_mask, positions_from_m
                           render_in_polygon, render_line)
 from .data.prompts import build_text_caption, parse_prompt_lines
 from .models.anytext2 import AnyText2
-from .pipeline import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, GuidedDenoiser, encode_branches, image_prompt, sample
+from .defaults import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, TEACHER
+from .pipeline import GuidedDenoiser, encode_branches, image_prompt, sample
 from .samplers import make_sampler
 from .samplers.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
 
 SIZE_MULTIPLE = 64
+"""Edit images are resized to multiples of this (the original's rule); a model needs sides that are multiples of
+its ``cfg.size_multiple`` (sd15 64, tiny 32, testbed 16)."""
 MAX_EDIT_SIDE = 1024
 
 
@@ -84,21 +87,22 @@ class GenerationRequest:
     """Per line: (r, g, b) 0-255 or None (unspecified)."""
     edit_image: Any = None
     """Editing mode: the image (array or path) whose text regions (the positions) are rewritten."""
-    height: int = 512
-    """Image height in pixels (a multiple of 64; editing uses the edit image's size)."""
-    width: int = 512
-    """Image width in pixels (a multiple of 64)."""
+    height: int | None = None
+    """Image height in pixels, a multiple of the model's ``size_multiple`` (None: the model's own size,
+    ``cfg.image_size``; editing uses the edit image's size)."""
+    width: int | None = None
+    """Image width in pixels (as ``height``)."""
     num_images: int = 1
     """Images generated from the same conditioning (one batch)."""
     seed: int = 0
     """Seed of every random draw (masked-image posterior sample, x_T, sampler noise)."""
-    steps: int = 20
+    steps: int = TEACHER.steps
     """Sampler steps (the teacher's DDIM: 20; students: 1-8)."""
-    sampler: str = "ddim"
+    sampler: str = TEACHER.sampler
     """'ddim' (teacher), or a student sampler: 'lcm', 'tcd', 'pcm'."""
     sampler_options: dict = field(default_factory=dict)
     """Extra sampler options, e.g. {"gamma": 0.3} for 'tcd'."""
-    cfg_scale: float = 7.5
+    cfg_scale: float = TEACHER.cfg
     """Classifier-free guidance scale (the demo's 7.5; 1 disables the uncond branch)."""
     strength: float = 1.0
     """WriteNet control strength."""
@@ -120,8 +124,8 @@ class GenerationRequest:
             raise InputError("prompt: must be a string")
         for name in ("height", "width"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0 or v % SIZE_MULTIPLE:
-                raise InputError(f"{name}={v!r}: must be a positive multiple of {SIZE_MULTIPLE}")
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise InputError(f"{name}={v!r}: must be a positive integer (or None: the model's size)")
         if self.num_images < 1:
             raise InputError(f"num_images={self.num_images}: must be >= 1")
         if self.steps < 1:
@@ -221,12 +225,14 @@ def read_image(img, name: str = "image") -> np.ndarray:
 
 
 def resize_for_edit(img: np.ndarray, max_side: int = MAX_EDIT_SIDE) -> np.ndarray:
-    """The original ``resize_image``: keep the aspect, longest side ≤ max_side, both sides multiples of 64."""
+    """The original ``resize_image``: keep the aspect, longest side ≤ max_side, both sides multiples of 64 (a
+    multiple of every preset's ``size_multiple``)."""
     import cv2
 
     h, w = img.shape[:2]
     s = min(1.0, max_side / max(h, w))
-    nh, nw = max(SIZE_MULTIPLE, int(round(h * s / 64)) * 64), max(SIZE_MULTIPLE, int(round(w * s / 64)) * 64)
+    nh = max(SIZE_MULTIPLE, int(round(h * s / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+    nw = max(SIZE_MULTIPLE, int(round(w * s / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
     if (nh, nw) != (h, w):
         img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if nh < h else cv2.INTER_LINEAR)
     return img
@@ -298,7 +304,11 @@ class Generator:
         no_text = texts == [" "]
 
         edit = None
-        H, W = req.height, req.width
+        cfg = self.model.cfg
+        H, W = req.height or cfg.image_size, req.width or cfg.image_size
+        for name, v in (("height", H), ("width", W)):
+            if v % cfg.size_multiple:
+                raise InputError(f"{name}={v}: must be a multiple of {cfg.size_multiple} for this model")
         if req.edit_image is not None:
             edit = resize_for_edit(read_image(req.edit_image, "edit_image"))
             H, W = edit.shape[:2]

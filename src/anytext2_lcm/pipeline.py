@@ -23,14 +23,10 @@ from typing import Callable
 import torch
 
 from .conditioning import TextInfo
+from .defaults import TEACHER_CFG
 from .models.anytext2 import AnyText2, Conditions
 
-DEFAULT_A_PROMPT = ("best quality, extremely detailed,4k, HD, supper legible text,  clear text edges,  clear strokes, "
-                    "neat writing, no watermarks")
-"""The original demo's added prompt (appended to the image prompt as ``prompt + ', ' + a_prompt``)."""
-DEFAULT_N_PROMPT = ("low-res, bad anatomy, extra digit, fewer digits, cropped, worst quality, low quality, watermark, "
-                    "unreadable text, messy words, distorted text, disorganized writing, advertising picture")
-"""The original demo's negative prompt."""
+
 
 
 def image_prompt(caption: str, a_prompt: str) -> str:
@@ -108,7 +104,7 @@ class GuidedDenoiser:
     activation memory, usually slower.
     """
 
-    def __init__(self, model: AnyText2, branches: Branches, guidance_scale: float = 7.5,
+    def __init__(self, model: AnyText2, branches: Branches, guidance_scale: float = TEACHER_CFG,
                  strength: float | list[float] = 1.0, attnx_scale: float = 1.0, batch_cfg: bool = True):
         self.model = model
         self.branches = branches

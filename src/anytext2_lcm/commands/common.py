@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 
-import torch
+from ..factory import build_model, pick_device, pick_dtype
 
 log = logging.getLogger(__name__)
 
-PRESET_NAMES = ("tiny", "sd15")
+MODEL_HELP = ("'testbed' (the built-in trained 128 px model: writes legible text on CPU), 'tiny' (random tiny model, "
+              "tests), 'sd15' (random weights, for speed tests), a converted folder, or an official checkpoint "
+              "(.ckpt / .safetensors)")
 
 
-def add_model_args(p: argparse.ArgumentParser, lora: bool = True) -> None:
+def add_model_args(p: argparse.ArgumentParser, lora: bool = True, default: str = "testbed", merge: bool = True) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny",
-                   help="'tiny' (built-in tiny model, no download), 'sd15' (random weights, for speed tests), a "
-                        "converted folder, or an official checkpoint (.ckpt / .safetensors)")
+    g.add_argument("--model", default=default, help=MODEL_HELP)
     g.add_argument("--config", help="original model yaml for a checkpoint file (default: the sd15 architecture)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
@@ -25,50 +25,16 @@ def add_model_args(p: argparse.ArgumentParser, lora: bool = True) -> None:
     if lora:
         g.add_argument("--lora", help="student LoRA: a PEFT adapter folder or a single .safetensors file")
         g.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength")
-        g.add_argument("--merge-lora", action="store_true", help="merge the LoRA into the weights (faster sampling)")
-
-
-def pick_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-    if dt == torch.float16 and device.type == "cpu":
-        log.warning("fp16 on the CPU is very slow or unsupported: using fp32 instead")
-        return torch.float32
-    return dt
-
-
-def build_model(spec: str, config_path: str | None = None, trust_pickle: bool = False):
-    """An ``AnyText2`` from a preset name, a converted folder or a checkpoint file (fp32, CPU)."""
-    from .. import config as C
-    from ..checkpoint import load_model
-    from ..models.anytext2 import AnyText2
-    from ..models.init import initialize
-
-    if spec in PRESET_NAMES:
-        if config_path:
-            from ..cli import UsageError
-
-            raise UsageError("--config only applies to a checkpoint file")
-        if spec == "sd15":
-            log.warning("--model sd15 builds the real architecture with RANDOM weights (for speed/shape tests); "
-                        "pass the official checkpoint or a converted folder for real images")
-        return initialize(AnyText2(C.preset(spec)), seed=0)
-    cfg = C.from_original_yaml(config_path) if config_path else None
-    return load_model(spec, cfg, trust_pickle=trust_pickle)
+        if merge:
+            g.add_argument("--merge-lora", action="store_true",
+                           help="merge the LoRA into the weights (faster sampling)")
 
 
 def model_from_args(args):
     """(model on its device/dtype, device, dtype) from the ``add_model_args`` options; applies ``--lora``."""
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    model = build_model(args.model, args.config, args.trust_pickle)
+    model = build_model(args.model, config_path=args.config, trust_pickle=args.trust_pickle)
     if getattr(args, "lora", None):
         from .. import lora as L
 
@@ -100,3 +66,21 @@ def sampler_options(args, sampler: str, flag: str = "--sampler") -> dict:
             raise UsageError("--original-steps applies to the student samplers (lcm, tcd, pcm)")
         opts["original_steps"] = args.original_steps
     return opts
+
+
+def default_sampling(lora: str | None, sampler: str | None = None):
+    """The sampling a model is run with when the flags do not say: the teacher's (``defaults.TEACHER``) without an
+    adapter or with ``--sampler ddim``; with one, what the adapter records (``lora.adapter_info``), else the LCM
+    default with a warning (an adapter made elsewhere)."""
+    from ..defaults import TEACHER, Sampling, student_sampling
+    from ..lora import adapter_info
+
+    if not lora or sampler == "ddim":
+        return TEACHER
+    info = adapter_info(lora).get("sampling")
+    if info:
+        return Sampling.from_dict(info)
+    if sampler is None:
+        log.warning("%s records no sampling; using the LCM sampler, 4 steps, no CFG (pass --sampler/--steps/--cfg)",
+                    lora)
+    return student_sampling("lcm")

@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description='The prompt\'s "quoted" texts become the text lines, one per position (boxes/polygons in a JSON '
                     "file, or a white-on-black mask image). With --edit-image the positions of that image are "
-                    "rewritten. Teacher: --sampler ddim --steps 20 --cfg 7.5; student: --lora ADAPTER --sampler lcm "
-                    "--steps 4 --cfg 1.")
+                    "rewritten. Without --lora: the teacher (DDIM, 20 steps, CFG 7.5). With --lora ADAPTER: the student "
+                    "as its adapter records it (e.g. LCM, 4 steps, no CFG); --sampler/--steps/--cfg override.")
     add_model_args(p)
     g = p.add_argument_group("text and layout")
     g.add_argument("--prompt", required=True, help='image prompt, e.g. \'a shop sign that says "Hello" and "世界"\'')
@@ -33,9 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--font", dest="glyph_font", help="glyph font file (default: a CJK-capable system font)")
     g.add_argument("--edit-image", help="editing mode: the image whose text regions are rewritten")
     s = p.add_argument_group("sampling")
-    s.add_argument("--sampler", default="ddim", choices=["ddim", "lcm", "tcd", "pcm"])
-    s.add_argument("--steps", type=int, default=None, help="default: 20 for ddim, 4 for students")
-    s.add_argument("--cfg", type=float, default=None, help="CFG scale (default: 7.5 for ddim, 1 (off) for students)")
+    s.add_argument("--sampler", default=None, choices=["ddim", "lcm", "tcd", "pcm"],
+                   help="default: ddim without --lora, the adapter's recorded sampler with it")
+    s.add_argument("--steps", type=int, default=None,
+                   help="default: 20 for the teacher, the adapter's recorded steps (4) for a student")
+    s.add_argument("--cfg", type=float, default=None,
+                   help="CFG scale (default: 7.5 for the teacher, the adapter's recorded scale (1: off) for a student)")
     s.add_argument("--gamma", type=float, default=None, help="TCD gamma (0 = deterministic)")
     s.add_argument("--num-phases", type=int, default=None,
                    help="PCM: the student's phases (steps must divide it or be a multiple of it)")
@@ -54,8 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--n-prompt", default=None, help="negative prompt (default: the original demo's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--num-images", type=int, default=1)
-    s.add_argument("--height", type=int, default=512)
-    s.add_argument("--width", type=int, default=512)
+    s.add_argument("--height", type=int, default=None, help="default: the model's own size (testbed 128, sd15 512)")
+    s.add_argument("--width", type=int, default=None, help="default: the model's own size")
     p.add_argument("--out", required=True, help="output PNG (several images: OUT_0.png, OUT_1.png, ...)")
     p.add_argument("--save-glyphs", action="store_true", help="also write OUT.glyphs.png (rendered glyphs + positions)")
     p.set_defaults(func=_generate)
@@ -89,21 +92,25 @@ def _generate(args) -> int:
     from PIL import Image
 
     from ..generation import GenerationRequest, Generator, InputError, load_positions
-    from ..pipeline import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
-    from .common import model_from_args, sampler_options
+    from ..defaults import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
+    from ..samplers import sampler_options as known_options
+    from .common import default_sampling, model_from_args, sampler_options
     from ..cli import UsageError
 
-    student = args.sampler != "ddim"
-    steps = args.steps if args.steps is not None else (4 if student else 20)
-    cfg = args.cfg if args.cfg is not None else (1.0 if student else 7.5)
-    opts = sampler_options(args, args.sampler)
+    sampling = default_sampling(args.lora, args.sampler)
+    sampler = args.sampler or sampling.sampler
+    steps = args.steps if args.steps is not None else sampling.steps
+    cfg = args.cfg if args.cfg is not None else sampling.cfg
+    # the recorded options the chosen sampler takes (a TCD run of an LCM student keeps its original_steps)
+    recorded = {k: v for k, v in sampling.options.items() if k in known_options(sampler)}
+    opts = {**recorded, **sampler_options(args, sampler)}
     try:
         req = GenerationRequest(
             prompt=args.prompt, text_prompt=args.text_prompt,
             positions=load_positions(args.boxes) if args.boxes else None, mask=args.mask, sort=args.sort,
             fonts=[f or None for f in args.fonts.split(",")] if args.fonts else None, colors=parse_colors(args.colors),
             edit_image=args.edit_image, height=args.height, width=args.width, num_images=args.num_images,
-            seed=args.seed, steps=steps, sampler=args.sampler, sampler_options=opts, cfg_scale=cfg,
+            seed=args.seed, steps=steps, sampler=sampler, sampler_options=opts, cfg_scale=cfg,
             strength=args.strength, attnx_scale=args.attnx_scale, eta=args.eta,
             a_prompt=DEFAULT_A_PROMPT if args.a_prompt is None else args.a_prompt,
             n_prompt=DEFAULT_N_PROMPT if args.n_prompt is None else args.n_prompt, glyph_font=args.glyph_font)
@@ -125,7 +132,7 @@ def _generate(args) -> int:
         Image.fromarray(res.glyph_preview).save(out.with_suffix(".glyphs.png"))
     for w in res.warnings:
         log.warning(w)
-    info = {"images": [str(p) for p in paths], "texts": res.texts, "sampler": args.sampler, "steps": steps,
+    info = {"images": [str(p) for p in paths], "texts": res.texts, "sampler": sampler, "steps": steps,
             "cfg": cfg, "seed": args.seed, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "seconds": {k: round(v, 3) for k, v in res.seconds.items()}}
     print(json.dumps(info, ensure_ascii=False))

@@ -1,10 +1,12 @@
-"""``anytext2-lcm ui``: the web UI (Gradio) on localhost, on the tiny built-in model by default."""
+"""``anytext2-lcm ui``: the web UI (Gradio) on localhost, on the built-in testbed model by default."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+
+from .common import add_model_args
 
 log = logging.getLogger(__name__)
 
@@ -17,23 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "student LoRA (the adapter bypassed for the teacher, one network in memory) or the merged "
                     "student; a compare view puts the teacher's 20-step DDIM beside the student at 1/2/4/8 steps. "
                     "Needs the 'ui' extra (pip install 'anytext2-lcm[ui]').")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny",
-                   help="'tiny' (built-in, no download), 'sd15' (random weights), a converted folder or an official "
-                        "checkpoint")
-    g.add_argument("--config", help="original model yaml for a checkpoint file")
-    g.add_argument("--trust-pickle", action="store_true", help="allow a full unpickle of a .ckpt (trusted files only)")
-    g.add_argument("--lora", help="student LoRA adapter (PEFT folder or .safetensors); enables the student choices")
-    g.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (None: cuda if available)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="precision (auto: fp16 on GPU, fp32 on CPU)")
-    g.add_argument("--font", dest="glyph_font", help="glyph font file (default: a CJK-capable system font)")
+    add_model_args(p, lora=True, merge=False)
+    p.add_argument("--font", dest="glyph_font", help="glyph font file (default: a CJK-capable system font)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=int, default=7860, help="port (0: any free port)")
     s.add_argument("--size", type=int, default=None,
-                   help="initial image width/height (None: 256 on the CPU, 512 on a GPU)")
+                   help="initial image width/height (None: the model's own size: testbed 128, sd15 512)")
     s.add_argument("--no-warmup", action="store_true", help="skip the small warm-up generation at start")
     p.set_defaults(func=_ui)
 

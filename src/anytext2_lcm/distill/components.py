@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, is_converted, load_model
-from ..config import preset
+from ..checkpoint import CheckpointError, is_converted
+from ..factory import build_model, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +23,11 @@ log = logging.getLogger(__name__)
 def teacher_fingerprint(path: str | None, model_section) -> str:
     """Identity of the frozen starting weights: a converted folder's manifest hashes, a file's sha256, or the
     random-initialisation recipe."""
-    if path is None:
+    p = resolve_path(path) if path is not None else None
+    if p is None:
         m = model_section
-        return f"random:{m.preset}:{m.init}:{m.init_seed}:torch-{torch.__version__.split('+')[0]}"
-    p = Path(path)
+        name = path or m.preset
+        return f"random:{name}:{m.init}:{m.init_seed}:torch-{torch.__version__.split('+')[0]}"
     h = hashlib.sha256()
     if is_converted(p):
         files = json.loads((p / "manifest.json").read_text())["files"]
@@ -39,18 +40,9 @@ def teacher_fingerprint(path: str | None, model_section) -> str:
 
 
 def build_teacher(section) -> nn.Module:
-    """The teacher ``AnyText2`` (CPU, fp32) as ``model`` describes it (see ``ModelSection``)."""
-    from ..models.anytext2 import AnyText2
-    from ..models.init import initialize
-
-    if section.teacher is not None:
-        return load_model(section.teacher, preset(section.preset))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(section.init_seed)
-        model = AnyText2(preset(section.preset))
-    if section.init == "original":
-        initialize(model, section.init_seed)
-    return model
+    """The teacher ``AnyText2`` (CPU, fp32) as ``model`` describes it (see ``ModelSection``):
+    :func:`anytext2_lcm.factory.build_model` of ``teacher``, or of a random ``preset`` when it is null."""
+    return build_model(section.teacher, preset=section.preset, init=section.init, seed=section.init_seed)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> int:

@@ -40,7 +40,7 @@ from typing import Any
 from ..config import PRESETS, ConfigError
 from ..data.anyword import DataConfig
 from ..lora import LoraSpec
-from ..pipeline import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
+from ..defaults import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
 from ..samplers.pcm import PCM_CONVENTIONS
 
 METHODS = ("lcm", "pcm", "teacher", "vae", "ocr")
@@ -81,7 +81,8 @@ class ModelSection:
     """Where the teacher comes from."""
 
     teacher: str | None = None
-    """Teacher weights: a converted folder (``anytext2-lcm convert``; it carries its own architecture) or an official
+    """Teacher weights: a model name ("testbed": the trained model that ships with the package; "tiny"/"sd15":
+    random), a converted folder (``anytext2-lcm convert``; it carries its own architecture) or an official
     ``.ckpt`` / ``.safetensors`` in the original layout. null = a randomly initialised ``preset`` (tests, benchmarks,
     or the starting point of ``train-teacher``)."""
     preset: str = "sd15"
@@ -660,7 +661,10 @@ def check_paths(cfg: TrainConfig) -> None:
     for p in cfg.data.json_paths:
         _check(Path(p).is_file(), "data.json_paths", p, "file not found")
     if cfg.model.teacher is not None:
-        _check(Path(cfg.model.teacher).exists(), "model.teacher", cfg.model.teacher, "file or folder not found")
+        from ..factory import MODEL_NAMES
+
+        _check(cfg.model.teacher in MODEL_NAMES or Path(cfg.model.teacher).exists(), "model.teacher",
+               cfg.model.teacher, f"file or folder not found (or a model name: {', '.join(MODEL_NAMES)})")
     r = cfg.checkpoint.resume
     if r is not None and r != "latest":
         _check(Path(r).is_dir(), "checkpoint.resume", r, "checkpoint folder not found (or use 'latest')")

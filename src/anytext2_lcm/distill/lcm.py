@@ -16,6 +16,7 @@ to both x̂0 and ε̂. The LoRA student has no w-embedding: it learns the guided
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..defaults import student_sampling
 from ..lora import LoraSpec, apply_lora, disable_adapters, lora_layers, save_lora
 from ..pipeline import Branches, GuidedDenoiser, encode_branches, image_prompt
 from ..samplers.schedule import NoiseSchedule
@@ -237,6 +239,8 @@ class LCMMethod(Method):
 
     def save_results(self, model: nn.Module, output_dir: Path) -> list[Path]:
         name = self.cfg.lora.adapter_name
-        meta = {"method": self.name, "guidance_scale_range": str(list(self.cfg.distill.guidance_scale_range))}
-        return [save_lora(model, output_dir / "adapter", name),
+        sampling = student_sampling("lcm", original_steps=self.cfg.distill.num_ddim_timesteps)
+        meta = {"method": self.name, "guidance_scale_range": json.dumps(list(self.cfg.distill.guidance_scale_range)),
+                "sampling": json.dumps(sampling.to_dict())}
+        return [save_lora(model, output_dir / "adapter", name, metadata=meta),
                 save_lora(model, output_dir / "adapter.safetensors", name, metadata=meta)]

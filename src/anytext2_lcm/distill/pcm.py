@@ -25,11 +25,13 @@ would pay off here.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from ..defaults import student_sampling
 from ..lora import disable_adapters, save_lora
 from ..pipeline import GuidedDenoiser, encode_branches, image_prompt
 from ..samplers.schedule import NoiseSchedule
@@ -150,13 +152,11 @@ class PCMMethod(LCMMethod):
     def save_results(self, model: nn.Module, output_dir: Path) -> list[Path]:
         name = self.cfg.lora.adapter_name
         p, n = self.cfg.pcm, self.cfg.distill.num_ddim_timesteps
-        # How to sample this adapter, as generate / evaluate flags (kept in the file's metadata for the user).
-        how = f"--sampler pcm --steps {p.num_phases} --num-phases {p.num_phases}"
-        how += f" --phase-convention {p.convention}" if p.convention != "inference" else ""
-        how += f" --original-steps {n}" if n != 50 else ""
-        how += " --cfg 7.5" if p.cfg_free_teacher else " --cfg 1"
+        # How to sample this adapter (generate / evaluate / the UI read it when no sampler is given).
+        sampling = student_sampling("pcm", p.num_phases, p.convention, n, p.cfg_free_teacher)
         meta = {"method": self.name, "num_phases": str(p.num_phases), "convention": p.convention,
                 "num_ddim_timesteps": str(n), "cfg_free_teacher": str(p.cfg_free_teacher).lower(),
-                "guidance_scale_range": str(list(self.cfg.distill.guidance_scale_range)), "sampling": how}
-        return [save_lora(model, output_dir / "adapter", name),
+                "guidance_scale_range": json.dumps(list(self.cfg.distill.guidance_scale_range)),
+                "sampling": json.dumps(sampling.to_dict())}
+        return [save_lora(model, output_dir / "adapter", name, metadata=meta),
                 save_lora(model, output_dir / "adapter.safetensors", name, metadata=meta)]

@@ -46,6 +46,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..defaults import STUDENT_STEPS, TEACHER_CFG, TEACHER_STEPS
 from .runtime import DTYPES, RuntimeOptions, apply_runtime_options
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,9 @@ class BenchConfig:
     """Image side (256 on a CPU; 512 on a GPU)."""
     device: str | None = None
     dtype: str = "auto"
-    teacher_steps: tuple[int, ...] = (20, 50)
-    student_steps: tuple[int, ...] = (1, 2, 4, 8)
-    teacher_cfg: float = 7.5
+    teacher_steps: tuple[int, ...] = (TEACHER_STEPS, 50)
+    student_steps: tuple[int, ...] = STUDENT_STEPS
+    teacher_cfg: float = TEACHER_CFG
     student_sampler: str = "lcm"
     repeats: int = 3
     warmup: bool = True
@@ -388,7 +389,7 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 def run_bench(cfg: BenchConfig, model=None, log_fn: Callable[[str], None] | None = None) -> dict:
     """Build the model (unless given), time the base setting and every variant; returns the results document."""
-    from ..commands.common import build_model, pick_device, pick_dtype
+    from ..factory import build_model, pick_device, pick_dtype
 
     log_fn = log_fn or (lambda s: log.info(s))
     device = pick_device(cfg.device)
@@ -572,7 +573,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="model precision (auto: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--teacher-steps", type=_int_list, default=(20, 50), help="teacher DDIM step counts")
     p.add_argument("--student-steps", type=_int_list, default=(1, 2, 4, 8), help="student step counts")
-    p.add_argument("--teacher-cfg", type=float, default=7.5)
+    p.add_argument("--teacher-cfg", type=float, default=TEACHER_CFG)
     p.add_argument("--student-sampler", default="lcm", choices=["lcm", "tcd", "pcm"])
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
     p.add_argument("--no-warmup", action="store_true")

@@ -39,6 +39,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..defaults import STUDENT_STEPS, TEACHER_CFG, TEACHER_STEPS
 from ..generation import GenerationRequest, InputError
 from .metrics import latent_mse, normalized_edit_distance, psnr, sentence_accuracy, ssim
 from .runtime import RuntimeOptions, ViewGenerator, apply_runtime_options
@@ -72,10 +73,10 @@ class EvalConfig:
     """Images per sample (the benchmark uses 4)."""
     seed: int = 100
     """Seed of sample 0 (the benchmark's 100); sample i uses seed + i."""
-    teacher_steps: int = 20
-    teacher_cfg: float = 7.5
+    teacher_steps: int = TEACHER_STEPS
+    teacher_cfg: float = TEACHER_CFG
     eta: float = 0.0
-    student_steps: tuple[int, ...] = (1, 2, 4, 8)
+    student_steps: tuple[int, ...] = STUDENT_STEPS
     student_sampler: str = "lcm"
     """'lcm', 'tcd', 'pcm', or 'ddim' (the teacher itself at fewer steps)."""
     student_cfg: float = 1.0

@@ -54,8 +54,8 @@ from .adapters import (  # noqa: F401
     merge_lora, unmerge_lora, unload_lora,
 )
 from .files import (  # noqa: F401
-    ADAPTER_FORMAT, PEFT_PREFIX, ADAPTER_WEIGHTS, ADAPTER_CONFIG, lora_state_dict, save_lora, load_lora,
-    merged_state_dict, export_merged,
+    ADAPTER_FORMAT, PEFT_PREFIX, ADAPTER_WEIGHTS, ADAPTER_CONFIG, STUDENT_INFO, adapter_info, lora_state_dict,
+    save_lora, load_lora, merged_state_dict, export_merged,
 )
 from .kohya import (  # noqa: F401
     kohya_names, export_kohya, EXPORT_FORMATS, export,
@@ -64,7 +64,7 @@ from .kohya import (  # noqa: F401
 __all__ = [
     "NETWORKS", "ROLES", "TARGET_PRESETS",
     "ADAPTER_CONFIG", "ADAPTER_FORMAT", "ADAPTER_WEIGHTS", "EXPORT_FORMATS", "LoraSpec", "ModuleInfo",
-    "PEFT_PREFIX", "TARGETS_FORMAT", "TargetPreset", "adapter_names", "apply_lora", "classify", "disable_adapters",
+    "PEFT_PREFIX", "STUDENT_INFO", "TARGETS_FORMAT", "TargetPreset", "adapter_info", "adapter_names", "apply_lora", "classify", "disable_adapters",
     "export", "export_kohya", "export_merged", "format_inventory", "kohya_names", "load_lora", "lora_layers",
     "lora_state_dict", "merge_lora", "merged_state_dict", "module_table", "parse_preset_expression", "read_targets",
     "resolve_targets", "save_lora", "seed_categories", "set_lora_scale", "targets_document", "trainable_parameters",

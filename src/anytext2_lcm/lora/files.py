@@ -25,6 +25,9 @@ PEFT_PREFIX = "base_model.model."
 """Key prefix of ``PeftModel.save_pretrained`` folders (the model sits at ``PeftModel.base_model.model``)."""
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 ADAPTER_CONFIG = "adapter_config.json"
+STUDENT_INFO = "anytext2_student.json"
+"""A student adapter folder's record of how it was made and is sampled (``{"method", "sampling", ...}``); in a
+single ``.safetensors`` file the same entries are metadata keys (``sampling`` as JSON)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -86,8 +89,8 @@ def save_lora(model: nn.Module, path: str | Path, adapter_name: str = "default",
     """Save the adapter: a PEFT folder, or one file when ``path`` ends in ``.safetensors``.
 
     Folder: ``adapter_model.safetensors`` (keys ``base_model.model.<module>.lora_A.weight`` as
-    ``PeftModel.save_pretrained`` writes) + ``adapter_config.json``. File: root-relative keys, and the metadata
-    holds ``format``, the ``peft_config`` JSON and ``metadata``. ``scale`` ≠ 1 is baked into lora_B (ΔW is
+    ``PeftModel.save_pretrained`` writes) + ``adapter_config.json`` (+ ``metadata`` as :data:`STUDENT_INFO`).
+    File: root-relative keys, and the metadata holds ``format``, the ``peft_config`` JSON and ``metadata``. ``scale`` ≠ 1 is baked into lora_B (ΔW is
     linear in B); ``dtype`` casts the weights. Writes are atomic (temporary name, then rename).
     A strength set with ``set_lora_scale`` is not part of the adapter (as in PEFT): pass it as ``scale``.
     """
@@ -106,8 +109,48 @@ def save_lora(model: nn.Module, path: str | Path, adapter_name: str = "default",
     tmp = _atomic_dir(path)
     _save_safetensors({PEFT_PREFIX + k: v for k, v in sd.items()}, tmp / ADAPTER_WEIGHTS[0], {"format": "pt"})
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(_config_json(config), indent=2, sort_keys=True))
+    if metadata:
+        (tmp / STUDENT_INFO).write_text(json.dumps(_decode_info(metadata), indent=2, sort_keys=True))
     _commit_dir(tmp, path)
     return path
+
+
+def _decode_info(metadata: dict[str, str]) -> dict:
+    """String metadata → values (entries that are JSON are decoded: ``sampling`` is an object)."""
+    out = {}
+    for k, v in metadata.items():
+        try:
+            out[k] = json.loads(v)
+        except (TypeError, json.JSONDecodeError):
+            out[k] = v
+    return out
+
+
+def adapter_info(path: str | Path) -> dict:
+    """What a student adapter records about itself (``method``, ``sampling`` = ``defaults.Sampling`` as a dict,
+    ...): :data:`STUDENT_INFO` of a folder, the metadata of a ``.safetensors`` file; ``{}`` when it records
+    nothing (an adapter from elsewhere)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        f = path / STUDENT_INFO
+        if not f.is_file():
+            return {}
+        try:
+            return json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{f}: corrupt ({e})") from None
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own types for bad headers
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+    for k in ("format", "version", "peft_config"):
+        meta.pop(k, None)
+    return _decode_info(meta)
 
 
 def _read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:

@@ -169,14 +169,14 @@ def build_app(engine: Engine, *, default_size: int | None = None, font_files: Se
 
     Args:
         engine: the model(s) to run.
-        default_size: initial width and height (default: 256 on the CPU, 512 on a GPU).
+        default_size: initial width and height (default: the model's own size, ``cfg.image_size``).
         font_files: fonts offered per line (default: the system's, ``system_font_files()``).
         edit_max_side: images to edit are shrunk to this longest side (default: 512 on the CPU, 1024 on a GPU).
     """
     import gradio as gr
 
     on_gpu = engine.device.type != "cpu"
-    size = int(default_size or (512 if on_gpu else 256))
+    size = int(default_size or engine.model.cfg.image_size)
     handlers = Handlers(engine, int(edit_max_side or (1024 if on_gpu else 512)))
     choices = I.font_choices(font_files)
     modes = engine.modes

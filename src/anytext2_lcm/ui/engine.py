@@ -62,11 +62,11 @@ class Engine:
              glyph_font: str | None = None) -> "Engine":
         """Build the model (``tiny``, ``sd15``, a converted folder or a checkpoint), load the adapter, move it to
         the device (a GPU when present) in the precision ``dtype`` picks."""
-        from ..commands.common import build_model, pick_device, pick_dtype
+        from ..factory import build_model, pick_device, pick_dtype
 
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
-        m = build_model(model, config, trust_pickle)
+        m = build_model(model, config_path=config, trust_pickle=trust_pickle)
         if lora:
             from .. import lora as L
 

@@ -22,7 +22,8 @@ from ..data.fonts import FontNotFoundError, FontSpec, find_default_font, system_
 from ..data.glyphs import positions_from_mask
 from ..data.prompts import parse_prompt_lines
 from ..generation import SIZE_MULTIPLE, GenerationRequest, InputError
-from ..pipeline import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
+from ..defaults import (DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, STUDENT_DEFAULT_STEPS, STUDENT_STEPS, TEACHER_CFG,
+                        TEACHER_SAMPLER, TEACHER_STEPS)
 
 MAX_LINES = 5
 """Per-line font/colour rows in the UI (as the original demo)."""
@@ -43,9 +44,6 @@ SAMPLERS = ("ddim", "lcm", "tcd", "pcm")
 
 SORT_CHOICES = {"top-down (vertical)": "vertical", "left-right (horizontal)": "horizontal"}
 
-TEACHER_STEPS = 20
-TEACHER_CFG = 7.5
-STUDENT_STEPS = (1, 2, 4, 8)
 STUDENT_CFG = 1.0
 
 
@@ -53,9 +51,9 @@ def mode_defaults(mode: str) -> tuple[str, int, float]:
     """(sampler, steps, CFG) a model choice starts with: the teacher's 20-step DDIM + CFG 7.5, a student's
     4-step LCM without CFG."""
     if mode == MODE_TEACHER:
-        return "ddim", TEACHER_STEPS, TEACHER_CFG
+        return TEACHER_SAMPLER, TEACHER_STEPS, TEACHER_CFG
     if mode in (MODE_STUDENT, MODE_MERGED):
-        return "lcm", 4, STUDENT_CFG
+        return "lcm", STUDENT_DEFAULT_STEPS, STUDENT_CFG
     raise InputError(f"unknown model choice {mode!r}; choose one of: {', '.join(MODES)}")
 
 
@@ -260,7 +258,7 @@ class UiInputs:
     sort: str = "vertical"
     styles: list[LineStyle] = dataclasses.field(default_factory=list)
     mode: str = MODE_TEACHER
-    sampler: str = "ddim"
+    sampler: str = TEACHER_SAMPLER
     steps: int = TEACHER_STEPS
     seed: int = 0
     cfg_scale: float = TEACHER_CFG

@@ -17,10 +17,11 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def register(sub) -> None:
-    from ..commands.common import add_model_args
-    from .bench import add_bench_args
-    from .runner import EVAL_A_PROMPT, EVAL_N_PROMPT
-    from .runtime import add_runtime_args
+    from .common import add_model_args
+    from ..evaluate.bench import add_bench_args
+    from ..evaluate.runner import EVAL_A_PROMPT, EVAL_N_PROMPT
+    from ..evaluate.runtime import add_runtime_args
+    from ..defaults import TEACHER_CFG
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser(
@@ -44,7 +45,7 @@ def register(sub) -> None:
     s.add_argument("--images-per-prompt", type=int, default=1, help="images per sample (the benchmark uses 4)")
     s.add_argument("--seed", type=int, default=100, help="seed of sample 0 (sample i: seed + i)")
     s.add_argument("--teacher-steps", type=int, default=20)
-    s.add_argument("--teacher-cfg", type=float, default=7.5)
+    s.add_argument("--teacher-cfg", type=float, default=TEACHER_CFG)
     s.add_argument("--student-steps", type=_int_list, default=(1, 2, 4, 8), help="comma-separated step counts")
     s.add_argument("--student-sampler", default="lcm", choices=["lcm", "tcd", "pcm", "ddim"])
     s.add_argument("--student-cfg", type=float, default=1.0)
@@ -84,12 +85,12 @@ def register(sub) -> None:
 
 def _evaluate(args) -> int:
     from ..cli import UsageError
-    from ..commands.common import build_model, pick_device, pick_dtype, sampler_options
+    from .common import build_model, pick_device, pick_dtype, sampler_options
     from ..generation import InputError
-    from .ocr import TextReader
-    from .report import write_report
-    from .runner import EvalConfig, evaluate
-    from .runtime import runtime_from_args
+    from ..evaluate.ocr import TextReader
+    from ..evaluate.report import write_report
+    from ..evaluate.runner import EvalConfig, evaluate
+    from ..evaluate.runtime import runtime_from_args
 
     opts = sampler_options(args, args.student_sampler, "--student-sampler")
     train_run = args.train_run
@@ -109,7 +110,7 @@ def _evaluate(args) -> int:
     reader = TextReader(args.ocr_model)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    model = build_model(args.model, args.config, args.trust_pickle)
+    model = build_model(args.model, config_path=args.config, trust_pickle=args.trust_pickle)
     if args.lora:
         # loaded unmerged: the teacher runs with the adapters bypassed; --merge-lora merges after the teacher
         from .. import lora as L
@@ -130,7 +131,7 @@ def _evaluate(args) -> int:
     results["config"]["lora_path"] = args.lora
     paths = write_report(results, args.out, grid_rows=args.grid_rows, max_grids=args.max_grids,
                          train_run=train_run)
-    from .report import results_table
+    from ..evaluate.report import results_table
 
     print(results_table(results))
     print(f"wrote {paths['json']}, {paths['markdown']} and {len(paths) - 2} grid image(s)")
@@ -138,6 +139,6 @@ def _evaluate(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import bench_from_args
+    from ..evaluate.bench import bench_from_args
 
     return bench_from_args(args)

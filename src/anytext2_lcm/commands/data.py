@@ -69,7 +69,7 @@ def register(subparsers) -> None:
 
 def make_data(args) -> int:
     from ..cli import UsageError
-    from .synthetic import SynthConfig, write_dataset
+    from ..data.synthetic import SynthConfig, write_dataset
 
     out = Path(args.out)
     if out.exists() and any(out.glob("anyword_synth*.json")) and not args.overwrite:
@@ -92,8 +92,8 @@ def make_data(args) -> int:
 
 
 def validate_data(args) -> int:
-    from .anyword import DataConfig
-    from .validate import format_report, validate_files
+    from ..data.anyword import DataConfig
+    from ..data.validate import format_report, validate_files
 
     cfg = DataConfig(image_size=args.image_size, max_chars=args.max_chars, font=args.font, font_dir=args.font_dir,
                      rand_font=args.rand_font, wm_thresh=args.wm_thresh)

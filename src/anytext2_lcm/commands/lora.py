@@ -21,7 +21,7 @@ _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .lora import EXPORT_FORMATS, TARGET_PRESETS
+    from ..lora import EXPORT_FORMATS, TARGET_PRESETS
 
     p = sub.add_parser(
         "inspect", help="list the model's Linear/Conv2d modules by role and write LoRA target lists",
@@ -74,8 +74,8 @@ def _user_errors(handler):
 
     @functools.wraps(handler)
     def run(args) -> int:
-        from .checkpoint import CheckpointError
-        from .cli import UsageError
+        from ..checkpoint import CheckpointError
+        from ..cli import UsageError
 
         try:
             return handler(args)
@@ -86,7 +86,7 @@ def _user_errors(handler):
 
 
 def _config(args):
-    from . import config as C
+    from .. import config as C
 
     if getattr(args, "config", None):
         return C.from_original_yaml(args.config)
@@ -96,7 +96,7 @@ def _config(args):
 def _meta_model(cfg):
     import torch
 
-    from .models.anytext2 import AnyText2
+    from ..models.anytext2 import AnyText2
 
     with torch.device("meta"):
         return AnyText2(cfg)
@@ -106,7 +106,7 @@ def _checkpoint_shapes(path: Path) -> dict:
     """Key → meta tensor of the right shape, read without loading the weights where the format allows."""
     import torch
 
-    from .checkpoint import CheckpointError, read_checkpoint
+    from ..checkpoint import CheckpointError, read_checkpoint
 
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -120,9 +120,9 @@ def _checkpoint_shapes(path: Path) -> dict:
 
 
 def _inspect(args) -> int:
-    from . import lora
-    from .checkpoint import check_keys, is_converted, original_shapes, read_converted_config, verify_converted
-    from .cli import UsageError
+    from .. import lora
+    from ..checkpoint import check_keys, is_converted, original_shapes, read_converted_config, verify_converted
+    from ..cli import UsageError
 
     if args.rank < 1:
         raise UsageError(f"--rank={args.rank}: must be >= 1")
@@ -170,9 +170,9 @@ def _inspect(args) -> int:
 def _export(args) -> int:
     import torch
 
-    from . import lora
-    from .checkpoint import is_converted, load_model, read_converted_config
-    from .cli import UsageError
+    from .. import lora
+    from ..checkpoint import is_converted, load_model, read_converted_config
+    from ..cli import UsageError
 
     dtype = getattr(torch, _DTYPES[args.dtype])
     if args.fmt == "merged" and not args.checkpoint:

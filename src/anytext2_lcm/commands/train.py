@@ -52,7 +52,7 @@ def register(subparsers) -> None:
 
 
 def _train_teacher(args) -> int:
-    from .config import TEACHER_METHODS
+    from ..distill.config import TEACHER_METHODS
 
     return run_command(args, TEACHER_METHODS)
 
@@ -60,7 +60,7 @@ def _train_teacher(args) -> int:
 def build_config(args, method: str | tuple[str, ...] | None):
     """The validated config of a command line (no model is built)."""
     from ..config import ConfigError
-    from .config import TEACHER_METHODS, load_config
+    from ..distill.config import TEACHER_METHODS, load_config
 
     overrides = list(args.sets) + list(args.overrides)
     if args.resume is not None:
@@ -77,13 +77,13 @@ def build_config(args, method: str | tuple[str, ...] | None):
 
 def run_command(args, method: str | tuple[str, ...] | None) -> int:
     from ..data.skips import TooManySkipsError
-    from .config import dump_yaml
+    from ..distill.config import dump_yaml
 
     cfg = build_config(args, method)
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
-    from .trainer import NonFiniteTrainingError, train
+    from ..distill.trainer import NonFiniteTrainingError, train
 
     finished = False
     try:

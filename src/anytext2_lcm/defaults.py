@@ -1,0 +1,75 @@
+"""Sampling defaults: how the teacher and each kind of student are sampled, and the prompts AnyText2 adds.
+
+Every entry point (``generate``, ``evaluate``, ``bench``, the UI, validation during training, the recipes) takes
+its defaults from here, so that "the teacher" means the same run everywhere: AnyText2's 20-step DDIM with
+classifier-free guidance 7.5 (the original demo's setting), and a student means the sampling its adapter records
+(:func:`student_sampling`; ``lora.adapters`` writes it into the adapter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TEACHER_SAMPLER = "ddim"
+TEACHER_STEPS = 20
+TEACHER_CFG = 7.5
+"""The teacher: DDIM, 20 steps, CFG 7.5 (AnyText2's demo; its benchmark uses 9)."""
+
+STUDENT_STEPS = (1, 2, 4, 8)
+"""Step counts a student is evaluated and compared at."""
+STUDENT_DEFAULT_STEPS = 4
+
+DEFAULT_A_PROMPT = ("best quality, extremely detailed,4k, HD, supper legible text,  clear text edges,  clear strokes, "
+                    "neat writing, no watermarks")
+"""The original demo's added prompt (appended to the image prompt as ``prompt + ', ' + a_prompt``)."""
+DEFAULT_N_PROMPT = ("low-res, bad anatomy, extra digit, fewer digits, cropped, worst quality, low quality, watermark, "
+                    "unreadable text, messy words, distorted text, disorganized writing, advertising picture")
+"""The original demo's negative prompt."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a model is sampled by default.
+
+    Attributes:
+        sampler: ddim, lcm, tcd or pcm.
+        steps: step count.
+        cfg: classifier-free guidance scale (1: no unconditional branch).
+        options: sampler options (``samplers.make_sampler`` keyword arguments).
+    """
+
+    sampler: str
+    steps: int
+    cfg: float
+    options: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"sampler": self.sampler, "steps": self.steps, "cfg": self.cfg, "options": dict(self.options)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Sampling":
+        return cls(sampler=str(d["sampler"]), steps=int(d["steps"]), cfg=float(d["cfg"]),
+                   options=dict(d.get("options") or {}))
+
+
+TEACHER = Sampling(TEACHER_SAMPLER, TEACHER_STEPS, TEACHER_CFG)
+
+
+def student_sampling(method: str, num_phases: int = 4, convention: str = "inference", original_steps: int = 50,
+                     cfg_free_teacher: bool = False) -> Sampling:
+    """The recommended sampling of a student distilled with ``method``.
+
+    * ``lcm``: the LCM multistep sampler, 4 steps, no CFG (the teacher's guidance is distilled in);
+    * ``pcm``: the deterministic phased sampler over the student's own phase edges, ``num_phases`` steps; no CFG
+      when the teacher was guided, real CFG 7.5 (with the negative prompt) when it was CFG-free.
+    """
+    if method == "lcm":
+        return Sampling("lcm", STUDENT_DEFAULT_STEPS, 1.0, {"original_steps": original_steps})
+    if method == "pcm":
+        return Sampling("pcm", num_phases, TEACHER_CFG if cfg_free_teacher else 1.0,
+                        {"num_phases": num_phases, "convention": convention, "original_steps": original_steps})
+    raise ValueError(f"no student sampling for method {method!r} (lcm or pcm)")
+
+
+__all__ = ["DEFAULT_A_PROMPT", "DEFAULT_N_PROMPT", "STUDENT_DEFAULT_STEPS", "STUDENT_STEPS", "Sampling", "TEACHER",
+           "TEACHER_CFG", "TEACHER_SAMPLER", "TEACHER_STEPS", "student_sampling"]

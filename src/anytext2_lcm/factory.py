@@ -1,0 +1,126 @@
+"""The one place that makes an ``AnyText2``: a built-in model, a converted folder, an official checkpoint, or a
+randomly initialised preset. Every entry point (CLI, UI, evaluate, bench, the trainer, the recipes) calls
+:func:`build_model`.
+
+Model names (``--model NAME``, a training config's ``model.teacher: NAME``):
+
+* ``testbed`` — the trained CPU-scale AnyText2 that ships inside the package (128 px, writes legible text;
+  ``configs/testbed.yaml`` retrains it with ``anytext2-lcm testbed``);
+* ``tiny`` — the parity fixtures' architecture with AnyText2's initialisation (random, a few MB; tests);
+* ``sd15`` — the real architecture with random weights (speed and shape tests);
+* anything else is a path: a converted folder (``anytext2-lcm convert``) or an official ``.ckpt``/``.safetensors``.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from . import config as C
+from .checkpoint import CheckpointError, is_converted, load_converted, load_model
+
+log = logging.getLogger(__name__)
+
+SHIPPED_MODELS = ("testbed",)
+"""Models whose trained weights ship inside the package (``anytext2_lcm/weights/NAME``)."""
+RANDOM_MODELS = ("tiny", "sd15")
+"""Presets a model name builds with random weights."""
+MODEL_NAMES = SHIPPED_MODELS + RANDOM_MODELS
+INITS = ("original", "default")
+"""Random initialisations: "original" (AnyText2's: zero-initialised control and output layers, AttnX copied from
+attention; ``models.init``) and "default" (PyTorch's, every layer non-zero: a useful random teacher)."""
+
+
+def pick_device(name: str | None) -> torch.device:
+    """``name`` (cpu, cuda, cuda:1, ...), else a GPU when there is one."""
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Weights/compute precision: "auto" (fp16 on a GPU, fp32 on a CPU), "fp32", "fp16" (fp32 on a CPU, where fp16
+    is very slow or unsupported) or "bf16"."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    if dt == torch.float16 and device.type == "cpu":
+        log.warning("fp16 on the CPU is very slow or unsupported: using fp32 instead")
+        return torch.float32
+    return dt
+
+
+def shipped_weights(name: str) -> Path:
+    """The converted folder of a shipped model (:data:`SHIPPED_MODELS`)."""
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"{name!r} is not a shipped model (known: {', '.join(SHIPPED_MODELS)})")
+    folder = Path(str(resources.files("anytext2_lcm").joinpath("weights", name)))
+    if not is_converted(folder):
+        raise CheckpointError(f"the {name} weights are not in this installation ({folder}); build them with "
+                              f"`anytext2-lcm {name}` (see configs/{name}.yaml)")
+    return folder
+
+
+def random_model(preset: str, init: str = "original", seed: int = 0) -> torch.nn.Module:
+    """A preset (``config.PRESETS``) with random weights from ``seed`` (fp32, CPU; the caller's RNG is untouched)."""
+    from .models.anytext2 import AnyText2
+    from .models.init import initialize
+
+    if init not in INITS:
+        raise C.ConfigError(f"init={init!r}: must be one of {INITS}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AnyText2(C.preset(preset))
+    return initialize(model, seed) if init == "original" else model
+
+
+def resolve_path(spec: str) -> Path | None:
+    """The file or folder a model spec loads (a shipped model's folder, or the path itself); None for a random
+    preset."""
+    if spec in SHIPPED_MODELS:
+        return shipped_weights(spec)
+    if spec in RANDOM_MODELS:
+        return None
+    return Path(spec)
+
+
+def build_model(spec: str | None, *, preset: str | None = None, config_path: str | None = None,
+                trust_pickle: bool = False, init: str = "original", seed: int = 0,
+                verify: bool = False) -> torch.nn.Module:
+    """An ``AnyText2`` (fp32, CPU) from a model name or path (see the module docstring).
+
+    Args:
+        spec: a name of :data:`MODEL_NAMES` or a path; None: a random ``preset``.
+        preset: the architecture of a random model (``spec`` None) or of a checkpoint file (default sd15).
+        config_path: the original's model yaml for a checkpoint file (instead of ``preset``).
+        trust_pickle: allow a full unpickle of a ``.ckpt`` (trusted files only).
+        init, seed: the random initialisation of ``tiny``/``sd15``/``spec=None`` (:func:`random_model`).
+        verify: check a converted folder's sha256 sums, not only its sizes.
+    Raises:
+        ConfigError: ``config_path`` given for something that is not a checkpoint file, or an unknown preset.
+        CheckpointError / FileNotFoundError: the weights cannot be loaded.
+    """
+    if spec is None or spec in RANDOM_MODELS:
+        if config_path:
+            raise C.ConfigError("--config only applies to a checkpoint file")
+        name = spec or preset or "tiny"
+        if name == "sd15" and spec is not None:
+            log.warning("--model sd15 builds the real architecture with RANDOM weights (for speed/shape tests); "
+                        "pass the official checkpoint or a converted folder for real images")
+        return random_model(name, init, seed)
+    path = resolve_path(spec)
+    if is_converted(path):
+        if config_path:
+            raise C.ConfigError("--config only applies to a checkpoint file")
+        return load_converted(path, verify=verify or spec in SHIPPED_MODELS)
+    if not path.exists():
+        raise FileNotFoundError(f"model {spec}: no such file or folder (known names: {', '.join(MODEL_NAMES)})")
+    cfg = C.from_original_yaml(config_path) if config_path else C.preset(preset or "sd15")
+    return load_model(path, cfg, trust_pickle=trust_pickle)
+
+
+__all__ = ["INITS", "MODEL_NAMES", "RANDOM_MODELS", "SHIPPED_MODELS", "build_model", "pick_device", "pick_dtype",
+           "random_model", "resolve_path", "shipped_weights"]
