@@ -66,6 +66,18 @@ def register(subparsers) -> None:
     v.add_argument("--examples", type=int, default=3, help="examples shown per skip reason")
     v.set_defaults(func=validate_data)
 
+    ix = subparsers.add_parser(
+        "index-data", formatter_class=fmt,
+        help="convert AnyWord JSON files into one memory-mapped annotation index (data.index)",
+        description="Streams the annotation files (one row at a time: AnyWord-3M's files of hundreds of MB never "
+                    "sit in memory) into an Arrow file that training opens in seconds and every rank and worker of a "
+                    "machine shares through the page cache. Train on it with `data.index: FILE` instead of "
+                    "data.json_paths; the samples, skips and counts are those of the JSON files.")
+    ix.add_argument("json", nargs="+", help="AnyWord annotation files, in the order their rows are concatenated")
+    ix.add_argument("--out", required=True, help="index file to write (e.g. anyword.arrow)")
+    ix.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    ix.set_defaults(func=index_data)
+
 
 def make_data(args) -> int:
     from ..cli import UsageError
@@ -104,3 +116,25 @@ def validate_data(args) -> int:
         print(f"skip rate {rep.n_skipped / rep.samples:.1%} exceeds --max-skip-rate {args.max_skip_rate:.1%}")
         status = 1
     return status
+
+
+def index_data(args) -> int:
+    import time
+
+    from ..cli import UsageError
+    from ..data.index import write_index
+    from ..data.skips import DataFileError
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise UsageError(f"{args.out} exists; pass --overwrite to replace it")
+    if not Path(args.out).resolve().parent.is_dir():
+        raise UsageError(f"--out {args.out}: folder {Path(args.out).resolve().parent} does not exist")
+    t0 = time.perf_counter()
+    try:
+        summary = write_index(args.json, args.out)
+    except DataFileError as e:
+        raise UsageError(str(e)) from None
+    bad = ", ".join(f"{k} {v}" for k, v in sorted(summary["bad"].items())) or "none"
+    print(f"wrote {args.out}: {summary['rows']} rows from {len(summary['files'])} file(s) in "
+          f"{time.perf_counter() - t0:.1f} s; rows the reader will skip as malformed: {bad}")
+    return 0

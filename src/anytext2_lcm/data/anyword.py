@@ -20,9 +20,15 @@ An image without valid lines gets one ``' '`` line in the box (10, 10)-(100, 100
 
 Deliberate differences from the original, each a fix: polygons are scaled with the image when it is not already
 at the training size (the original assumed 512 x 512 files); the caption is not modified in place (the original
-appended ". " to the stored caption on every visit); Chinese lines keep their label (the original split it into
-Chinese_sim / Chinese_tra with OpenCC to pick fonts; :class:`~.fonts.FontLibrary` falls back between the three
-labels); with random fonts, only fonts that have glyphs for the whole line are drawn from.
+appended ". " to the stored caption on every visit); with random fonts, only fonts that have glyphs for the whole
+line are drawn from.
+
+As the original: a "Chinese" line is labelled "Chinese_tra" when OpenCC's traditional-to-simplified conversion
+changes its text, else "Chinese_sim" (:func:`~.fonts.font_language`); the label picks its fonts and is the sample's
+``language``. A polygon partly outside the image is kept and drawn as the original draws it (positions, glyphs and
+the loss mask are cut at the image edge; the font hint clips its points to the image); the row is skipped only when
+the part inside the image is degenerate (``polygon_outside``) or the polygon reaches absurdly far out
+(``polygon_tolerance``).
 
 Randomness: every draw of sample ``index`` in epoch ``epoch`` comes from ``numpy.random.default_rng(SeedSequence(
 [seed, epoch, index]))``, in the original's order, so a sample does not depend on the worker that makes it or on
@@ -48,7 +54,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import ConfigError
 from .augment import random_position_mask, training_font_hint
-from .fonts import FontLibrary, FontSpec
+from .fonts import FontLibrary, FontSpec, font_language
 from .glyphs import (DegeneratePolygonError, UNSPECIFIED_COLOR, cached_line_renderer, paint_in_polygon,
                      polygon_points)
 from .prompts import build_text_caption, truncate_caption, watermark_caption
@@ -71,6 +77,14 @@ class DataConfig:
 
     json_paths: tuple[str, ...] = ()
     """AnyWord annotation files; their rows are concatenated in the given order."""
+    index: str | None = None
+    """Instead of json_paths: an annotation index written by ``anytext2-lcm index-data`` (the same rows in a
+    memory-mapped Arrow file: opens in seconds and is shared by every process of a machine; ``data.index``)."""
+    shards: str | None = None
+    """Instead of json_paths: a folder of WebDataset shards written by ``anytext2-lcm make-shards`` (images and
+    annotations together; read as streams, see ``data.shards``)."""
+    shuffle_buffer: int = 256
+    """With shards: samples of a shard held in a shuffle buffer per stream (1: shard order only)."""
     image_size: int = 512
     """Training size: images become image_size x image_size (a multiple of 64)."""
     max_lines: int = 5
@@ -110,9 +124,10 @@ class DataConfig:
     """The run stops when more than this fraction of the samples seen so far were skipped."""
     min_items_for_skip_rate: int = 100
     """Judge the skip rate only after this many samples (or the whole dataset, if smaller)."""
-    polygon_tolerance: float = 0.02
-    """A valid line's polygon may exceed the image by this fraction of its longer side before it counts as
-    outside."""
+    polygon_tolerance: float = 1.0
+    """A valid line's polygon may reach this fraction of the image's longer side beyond its edge (it is clipped
+    there, as the original draws it); further out the coordinates count as corrupt (``polygon_outside``). A polygon
+    whose part inside the image is degenerate is skipped whatever this says."""
     min_image_side: int = 16
     """Images with a side below this many pixels are skipped (image_size)."""
     max_image_side: int = 8192
@@ -127,6 +142,14 @@ class DataConfig:
         if isinstance(self.json_paths, (str, os.PathLike)):
             self.json_paths = (os.fspath(self.json_paths),)
         self.json_paths = tuple(os.fspath(p) for p in self.json_paths)
+        sources = [n for n in ("json_paths", "index", "shards") if getattr(self, n)]
+        _check(len(sources) <= 1, sources[-1] if sources else "index", getattr(self, sources[-1]) if sources else None,
+               f"give one data source: json_paths, index or shards (got {', '.join(sources)})")
+        _check(isinstance(self.shuffle_buffer, int) and self.shuffle_buffer >= 1, "shuffle_buffer",
+               self.shuffle_buffer, "must be an integer >= 1")
+        _check(isinstance(self.font_hint_area, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.font_hint_area), "font_hint_area",
+               self.font_hint_area, "must be [low, high] numbers")
         self.font_hint_area = tuple(float(v) for v in self.font_hint_area)
         _check(isinstance(self.image_size, int) and self.image_size >= 64 and self.image_size % 64 == 0,
                "image_size", self.image_size, "must be a positive multiple of 64")
@@ -343,13 +366,18 @@ class AnyWordDataset:
     """
 
     def __init__(self, cfg: DataConfig, fonts: FontLibrary | None = None):
-        if not cfg.json_paths:
-            raise ConfigError("data.json_paths=(): give at least one AnyWord annotation file")
+        if not cfg.json_paths and not cfg.index:
+            raise ConfigError("data.json_paths=(): give at least one AnyWord annotation file (or data.index)")
         self.cfg = cfg
         self.fonts = fonts if fonts is not None else cfg.font_library()
         self.epoch = 0
         self.load_stats = LoadStats()
         self.rows: list[Row | BadRow] = []
+        if cfg.index:  # the same rows, memory-mapped and parsed when read (data.index)
+            from .index import IndexedRows
+
+            self.rows = IndexedRows(cfg.index, cfg)
+            self.load_stats = self.rows.load_stats
         for path in cfg.json_paths:
             root, data_list = load_annotation_file(path)
             kept = 0
@@ -434,24 +462,29 @@ class AnyWordDataset:
             p = line.polygon
             if len(p) < 3 or not np.all(np.isfinite(p)):
                 raise SampleError("polygon_degenerate", f"line {j}: {len(p)} points (need >= 3 finite)")
-            if (p[:, 0].min() < -tol or p[:, 1].min() < -tol or p[:, 0].max() > width + tol
-                    or p[:, 1].max() > height + tol):
-                raise SampleError("polygon_outside", f"line {j}: polygon spans x {p[:, 0].min():g}..{p[:, 0].max():g}"
-                                                     f", y {p[:, 1].min():g}..{p[:, 1].max():g} on a {width} x "
-                                                     f"{height} image")
-            ps = p * scale
-            short = min(cv2.minAreaRect(ps.astype(np.float32))[1])
+            spans = (f"line {j}: polygon spans x {p[:, 0].min():g}..{p[:, 0].max():g}, y {p[:, 1].min():g}.."
+                     f"{p[:, 1].max():g} on a {width} x {height} image")
+            lo, hi = p.min(axis=0), p.max(axis=0)
+            if lo.min() < -tol or hi[0] > width + tol or hi[1] > height + tol:
+                raise SampleError("polygon_outside", f"{spans} (beyond polygon_tolerance)")
+            # The part inside the image (the original clips the points so for its font hint; drawing cuts the rest).
+            inside = np.stack([np.clip(p[:, 0], 0, width - 1), np.clip(p[:, 1], 0, height - 1)], axis=1) * scale
+            short = min(cv2.minAreaRect(inside.astype(np.float32))[1])
             if short < 2.0:
+                if lo.min() < 0 or hi[0] > width - 1 or hi[1] > height - 1:
+                    raise SampleError("polygon_outside", f"{spans}: the part inside is {short:.2f} px thick at "
+                                                         f"{s} px (need >= 2)")
                 raise SampleError("polygon_degenerate", f"line {j}: {short:.2f} px thick at {s} px (need >= 2)")
             text = line.text[:cfg.max_chars]
             if not text.strip():
                 raise SampleError("empty_text", f"line {j}: text {line.text!r}")
-            if not any(f.covers(text) for f in self.font_candidates(line.language)):
-                missing = self.font_candidates(line.language)[0].missing_chars(text)
+            language = font_language(line.language, line.text)
+            if not any(f.covers(text) for f in self.font_candidates(language)):
+                missing = self.font_candidates(language)[0].missing_chars(text)
                 chars = ", ".join(f"U+{ord(c):04X} {c!r}" for c in missing)
-                raise SampleError("unrenderable_text", f"line {j} ({line.language}): {text!r} has characters no "
+                raise SampleError("unrenderable_text", f"line {j} ({language}): {text!r} has characters no "
                                                        f"available font renders: {chars}")
-            scaled.append(ps)
+            scaled.append(p * scale)
         return scaled
 
     def font_candidates(self, language: str) -> list[FontSpec]:
@@ -475,7 +508,7 @@ class AnyWordDataset:
 
         if row.lines:
             texts = [ln.text for ln in row.lines]
-            langs = [ln.language for ln in row.lines]
+            langs = [font_language(ln.language, ln.text) for ln in row.lines]
             colors = [ln.color if ln.color is not None else UNSPECIFIED_COLOR for ln in row.lines]
         else:  # the original's padding line, so that every sample has one
             texts, langs, colors = [" "], ["Latin"], [UNSPECIFIED_COLOR]

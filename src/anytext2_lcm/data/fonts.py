@@ -208,6 +208,25 @@ def normalize_language(lang: str) -> str:
     return LANGUAGE_ALIASES.get(lang, lang)
 
 
+@functools.lru_cache(maxsize=1)
+def _t2s():
+    from opencc import OpenCC
+
+    return OpenCC("t2s")
+
+
+def font_language(language: str, text: str) -> str:
+    """The original's font label of a line: "Chinese" becomes "Chinese_tra" when OpenCC's traditional-to-simplified
+    conversion changes ``text`` (it holds traditional characters), else "Chinese_sim"; other labels are unchanged.
+
+    The original (``t3_dataset.tra_chinese``) labels lines so at load, so that random fonts are drawn from the fonts
+    of the right script; OpenCC (the ``opencc`` package) is the library it uses.
+    """
+    if language != "Chinese":
+        return language
+    return "Chinese_tra" if _t2s().convert(text) != text else "Chinese_sim"
+
+
 class FontLibrary:
     """``language -> [FontSpec]`` plus a default face for everything else.
 
