@@ -3,7 +3,9 @@
 Every subcommand lives in ``anytext2_lcm/commands/``, one module per area, each exposing ``register(subparsers)``;
 this file only lists those modules. A subcommand's handler receives the parsed ``argparse.Namespace`` and
 returns an exit status (0 = success). Errors a user can fix (bad flags, missing files, invalid configs) are
-raised as :class:`UsageError` (or ``ConfigError`` / ``FileNotFoundError``) and printed as one line, exit 2.
+raised as :class:`UsageError` (or ``ConfigError`` / ``FileNotFoundError`` / ``CheckpointError``) and printed as
+one line, exit 2, before any model is loaded where possible; a failed write (``atomic.WriteError``: disk full, a
+file-size limit, permissions; the previous file is kept) or a non-finite result is one line too, exit 1.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 
 # Modules that provide ``register(subparsers)``, in the order of ``--help``.
@@ -22,6 +25,7 @@ COMMAND_MODULES = (
     "anytext2_lcm.commands.data",         # make-data, validate-data
     "anytext2_lcm.commands.train",        # distill, train-teacher
     "anytext2_lcm.commands.evaluate",     # evaluate, bench
+    "anytext2_lcm.commands.testbed",      # testbed (retrain the built-in model)
     "anytext2_lcm.commands.demo",         # demo
     "anytext2_lcm.commands.ui",           # ui
 )
@@ -31,8 +35,16 @@ class UsageError(Exception):
     """A mistake in how the command was called; printed without a traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``anytext2-lcm generate: error: argument --cfg: 'nan': must be a finite
+    number (see --help)`` and exit 2 (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="anytext2-lcm",
         description="AnyText2 visual-text generation and its few-step LoRA students.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -46,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if hasattr(signal, "SIGXFSZ"):  # a file-size limit fails the write (cleanly, atomically) instead of killing us
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -53,14 +67,24 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .atomic import WriteError
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .data.skips import DataFileError
+    from .pipeline import NonFiniteError
 
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ConfigError, FileNotFoundError, CheckpointError) as e:
-        print(f"anytext2-lcm {args.command}: error: {e}", file=sys.stderr)
+    except (UsageError, ConfigError, FileNotFoundError, CheckpointError, DataFileError) as e:
+        print(f"anytext2-lcm {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except (WriteError, NonFiniteError, OSError) as e:  # disk full, a file-size limit, permissions, NaN weights
+        print(f"anytext2-lcm {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

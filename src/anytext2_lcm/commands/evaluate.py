@@ -9,19 +9,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def register(sub) -> None:
-    from .common import add_model_args
+    from .common import CFG, MAX_STEPS, POSITIVE, SEED, STEPS, add_model_args, number, number_list
     from ..evaluate.bench import add_bench_args
     from ..evaluate.runner import EVAL_A_PROMPT, EVAL_N_PROMPT
     from ..evaluate.runtime import add_runtime_args
-    from ..defaults import TEACHER_CFG
+    from ..defaults import STUDENT_STEPS, TEACHER_CFG, TEACHER_STEPS
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser(
@@ -34,26 +27,28 @@ def register(sub) -> None:
     add_model_args(p)
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="+", required=True, help="AnyWord JSON file(s)")
-    d.add_argument("--num", type=int, default=None, help="evaluate the first N usable samples")
-    d.add_argument("--size", type=int, default=512, help="generation size (polygons are scaled to it)")
-    d.add_argument("--source-size", type=int, default=512,
+    d.add_argument("--num", type=POSITIVE, default=None, help="evaluate the first N usable samples")
+    d.add_argument("--size", type=number(64, 8192, integer=True), default=None,
+                   help="generation size (polygons are scaled to it; default: the model's own size)")
+    d.add_argument("--source-size", type=number(1, 65536, integer=True), default=512,
                    help="image size assumed for rows whose image file is missing")
-    d.add_argument("--max-lines", type=int, default=20)
-    d.add_argument("--max-chars", type=int, default=20)
+    d.add_argument("--max-lines", type=number(1, 1000, integer=True), default=20)
+    d.add_argument("--max-chars", type=number(1, 1000, integer=True), default=20)
     d.add_argument("--font", dest="glyph_font", default=None, help="glyph font (default: a CJK-capable system font)")
     s = p.add_argument_group("sampling")
-    s.add_argument("--images-per-prompt", type=int, default=1, help="images per sample (the benchmark uses 4)")
-    s.add_argument("--seed", type=int, default=100, help="seed of sample 0 (sample i: seed + i)")
-    s.add_argument("--teacher-steps", type=int, default=20)
-    s.add_argument("--teacher-cfg", type=float, default=TEACHER_CFG)
-    s.add_argument("--student-steps", type=_int_list, default=(1, 2, 4, 8), help="comma-separated step counts")
-    s.add_argument("--student-sampler", default="lcm", choices=["lcm", "tcd", "pcm", "ddim"])
-    s.add_argument("--student-cfg", type=float, default=1.0)
-    s.add_argument("--gamma", type=float, default=None, help="TCD gamma")
-    s.add_argument("--num-phases", type=int, default=None, help="PCM: the student's phases")
+    s.add_argument("--images-per-prompt", type=number(1, 64, integer=True), default=1, help="images per sample (the benchmark uses 4)")
+    s.add_argument("--seed", type=SEED, default=100, help="seed of sample 0 (sample i: seed + i)")
+    s.add_argument("--teacher-steps", type=STEPS, default=TEACHER_STEPS)
+    s.add_argument("--teacher-cfg", type=CFG, default=TEACHER_CFG)
+    s.add_argument("--student-steps", type=number_list(1, MAX_STEPS), default=STUDENT_STEPS, help="comma-separated step counts")
+    s.add_argument("--student-sampler", default=None, choices=["lcm", "tcd", "pcm", "ddim"],
+                   help="default: the sampler the adapter records (lcm for an adapter that records none)")
+    s.add_argument("--student-cfg", type=CFG, default=None, help="default: the adapter's recorded scale (1)")
+    s.add_argument("--gamma", type=number(0, 1), default=None, help="TCD gamma")
+    s.add_argument("--num-phases", type=STEPS, default=None, help="PCM: the student's phases")
     s.add_argument("--phase-convention", default=None, choices=["inference", "official"],
                    help="PCM: where the student's phase edges are (default: inference)")
-    s.add_argument("--original-steps", type=int, default=None,
+    s.add_argument("--original-steps", type=STEPS, default=None,
                    help="lcm/tcd/pcm: points of the student's distillation grid (distill.num_ddim_timesteps; "
                         "default 50)")
     s.add_argument("--a-prompt", default=EVAL_A_PROMPT)
@@ -64,11 +59,14 @@ def register(sub) -> None:
     o.add_argument("--train-run", default=None,
                    help="the student's distillation run folder: its loss curve goes into the report (default: the "
                         "folder holding --lora when it has a metrics.jsonl)")
-    o.add_argument("--grid-rows", type=int, default=8, help="samples per grid image")
-    o.add_argument("--max-grids", type=int, default=4, help="grid images at most")
+    o.add_argument("--grid-rows", type=number(1, 1000, integer=True), default=8, help="samples per grid image")
+    o.add_argument("--max-grids", type=number(0, 10**6, integer=True), default=4, help="grid images at most")
     o.add_argument("--no-student-images", action="store_true", help="do not keep student images (only grids)")
     o.add_argument("--no-reference", action="store_true",
                    help="do not read the dataset's own images (the 'reference' row)")
+    o.add_argument("--reconstruction", action="store_true",
+                   help="also read the model's VAE reconstructions of the dataset's images (the ceiling of any "
+                        "generated image: the 'reconstruction' row)")
     o.add_argument("--ocr-model", default=None, help="PP-OCR recogniser ONNX (default: the one in rapidocr)")
     add_runtime_args(p)
     p.set_defaults(func=_evaluate)
@@ -85,14 +83,25 @@ def register(sub) -> None:
 
 def _evaluate(args) -> int:
     from ..cli import UsageError
-    from .common import build_model, pick_device, pick_dtype, sampler_options
+    from ..defaults import student_sampling
+    from ..samplers import sampler_options as known_options
+    from .common import build_model, default_sampling, pick_device, pick_dtype, sampler_options
     from ..generation import InputError
     from ..evaluate.ocr import TextReader
     from ..evaluate.report import write_report
     from ..evaluate.runner import EvalConfig, evaluate
-    from ..evaluate.runtime import runtime_from_args
+    from ..evaluate.runtime import resolve_runtime_args, runtime_from_args
+    from .common import check_model_inputs, check_output_dir
 
-    opts = sampler_options(args, args.student_sampler, "--student-sampler")
+    check_output_dir(args.out)  # before anything is loaded: the folder, the model, adapter, decoder and font files
+    check_model_inputs(args)
+    sampling = default_sampling(args.lora, args.student_sampler)
+    if sampling.sampler == "ddim":  # no adapter: the student runs are the teacher's weights with the LCM sampler
+        sampling = student_sampling("lcm")
+    student_sampler = args.student_sampler or sampling.sampler
+    student_cfg = args.student_cfg if args.student_cfg is not None else sampling.cfg
+    recorded = {k: v for k, v in sampling.options.items() if k in known_options(student_sampler)}
+    opts = {**recorded, **sampler_options(args, student_sampler, "--student-sampler")}
     train_run = args.train_run
     if train_run is None and args.lora:
         parent = Path(args.lora).resolve().parent
@@ -101,11 +110,13 @@ def _evaluate(args) -> int:
         raise UsageError(f"--train-run {train_run}: no metrics.jsonl in that folder (a distill output folder has one)")
     cfg = EvalConfig(data=tuple(args.data), num=args.num, size=args.size, images_per_prompt=args.images_per_prompt,
                      seed=args.seed, teacher_steps=args.teacher_steps, teacher_cfg=args.teacher_cfg,
-                     student_steps=args.student_steps, student_sampler=args.student_sampler,
-                     student_cfg=args.student_cfg, student_options=opts, max_lines=args.max_lines,
+                     student_steps=args.student_steps, student_sampler=student_sampler,
+                     student_cfg=student_cfg, student_options=opts, max_lines=args.max_lines,
                      max_chars=args.max_chars, source_size=args.source_size, a_prompt=args.a_prompt,
                      n_prompt=args.n_prompt, glyph_font=args.glyph_font, warmup=not args.no_warmup,
-                     save_student_images=not args.no_student_images, reference=not args.no_reference)
+                     save_student_images=not args.no_student_images, reference=not args.no_reference,
+                     reconstruction=args.reconstruction)
+    resolve_runtime_args(args, pick_device(args.device))
     runtime = runtime_from_args(args)
     reader = TextReader(args.ocr_model)
     device = pick_device(args.device)
@@ -119,8 +130,7 @@ def _evaluate(args) -> int:
         if args.lora_scale != 1.0:
             L.set_lora_scale(model, args.lora_scale)
     else:
-        log.warning("no --lora: the 'student' runs are the teacher's weights with the %s sampler",
-                    args.student_sampler)
+        log.warning("no --lora: the 'student' runs are the teacher's weights with the %s sampler", student_sampler)
     model = model.to(device=device, dtype=dtype).eval()
     try:
         results = evaluate(model, cfg, args.out, reader=reader, runtime=runtime,

@@ -1,4 +1,5 @@
-"""Figures drawn with Pillow alone (matplotlib is not a dependency): an image grid with titles and a loss curve."""
+"""Figures drawn with Pillow alone (matplotlib is not a dependency): an image grid with titles and a loss curve (of a
+training run's ``metrics.jsonl``, :func:`read_losses`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,25 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..atomic import save_image
+
 WHITE, BLACK, GREY, BLUE, LIGHT = (255, 255, 255), (0, 0, 0), (120, 120, 120), (31, 90, 180), (200, 205, 215)
+
+
+def read_losses(run_dir: str | Path) -> list[tuple[int, float]]:
+    """(step, loss) of a training run from the ``metrics.jsonl`` the trainer writes (torn lines skipped)."""
+    import json
+
+    out = []
+    f = Path(run_dir) / "metrics.jsonl"
+    if f.is_file():
+        for ln in f.read_text().splitlines():
+            try:
+                m = json.loads(ln)
+                out.append((int(m["step"]), float(m["loss"])))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                pass
+    return out
 
 
 def _font(size: int = 12, cjk: bool = False):
@@ -63,7 +82,7 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], col_titles: Sequence[str], 
             tile = Image.fromarray(np.ascontiguousarray(img)).resize((tw, th), Image.NEAREST)
             canvas.paste(tile, (left + pad + j * (tw + pad), y))
     if path is not None:
-        canvas.save(path)
+        save_image(path, canvas)
     return canvas
 
 
@@ -101,7 +120,7 @@ def loss_curve(series: Sequence[tuple[int, float]], path: str | Path | None = No
     if not pts:
         draw.text((L, H // 2), "no finite loss values", fill=GREY, font=font)
         if path is not None:
-            canvas.save(path)
+            save_image(path, canvas)
         return canvas
     steps = [s for s, _ in pts]
     vals = [v for _, v in pts]
@@ -138,7 +157,7 @@ def loss_curve(series: Sequence[tuple[int, float]], path: str | Path | None = No
     legend = f"per step (light), mean of the last {window} (dark)"
     draw.text((W - R - _text_w(draw, legend, font), 12), legend, fill=GREY, font=font)
     if path is not None:
-        canvas.save(path)
+        save_image(path, canvas)
     return canvas
 
 

@@ -8,13 +8,14 @@ string ``"inf"`` so that the file stays strict JSON.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..atomic import save_image, write_json, write_text
 
 GRID_ROWS = 8
 """Samples per grid image."""
@@ -48,18 +49,14 @@ def write_report(results: dict, out: str | os.PathLike, grid_rows: int = GRID_RO
     if train_run is not None:
         training = training_summary(train_run)
         if training is not None:
-            from ..demo.figures import loss_curve
+            from .figures import loss_curve
 
             loss_curve(training.pop("series"), out / "loss.png",
                        title=f"distillation loss, {Path(training['run']).name}")
             results = dict(results, training=dict(training, loss_curve="loss.png"))
             extra["loss_curve"] = out / "loss.png"
-    jpath = out / "results.json"
-    tmp = jpath.with_name(".results.json.tmp")
-    tmp.write_text(json.dumps(_strict(results), indent=1, ensure_ascii=False, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, jpath)
-    mpath = out / "report.md"
-    mpath.write_text(markdown(results), encoding="utf-8")
+    jpath = write_json(out / "results.json", _strict(results), indent=1, ensure_ascii=False, allow_nan=False)
+    mpath = write_text(out / "report.md", markdown(results))
     return {"json": jpath, "markdown": mpath, **{f"grid{i}": g for i, g in enumerate(grids)}, **extra}
 
 
@@ -69,9 +66,9 @@ def training_summary(run_dir: str | os.PathLike) -> dict | None:
     Returns ``{"run", "steps", "loss_first", "loss_last", "window", "series"}``: loss_first / loss_last are the means
     of the first / last ``window`` logged steps (a tenth of the run, at least 1); series = [(step, loss)].
     """
-    from ..demo.stages import read_student_losses
+    from .figures import read_losses
 
-    series = read_student_losses(Path(run_dir))
+    series = read_losses(Path(run_dir))
     finite = [v for _, v in series if math.isfinite(v)]
     if not finite:
         return None
@@ -266,8 +263,7 @@ def make_grids(results: dict, out: Path, grid_rows: int = GRID_ROWS, max_grids: 
                     v = ps[0]
                     draw.text((j * t + 4, y + t + 2 + line_h), f"PSNR {'∞' if v == math.inf else f'{v:.1f}'} dB",
                               fill=(90, 90, 90), font=font)
-        path = gdir / f"grid_{g // grid_rows:03d}.png"
-        canvas.save(path)
+        path = save_image(gdir / f"grid_{g // grid_rows:03d}.png", canvas)
         paths.append(path)
     return paths
 

@@ -32,13 +32,14 @@ import os
 import statistics
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from ..atomic import save_image
 from ..defaults import STUDENT_STEPS, TEACHER_CFG, TEACHER_STEPS
 from ..generation import GenerationRequest, InputError
 from .metrics import latent_mse, normalized_edit_distance, psnr, sentence_accuracy, ssim
@@ -67,8 +68,9 @@ class EvalConfig:
     ``test1k.json``)."""
     num: int | None = None
     """Evaluate the first ``num`` usable samples (None: all)."""
-    size: int = 512
-    """Generation size (square, a multiple of 64); polygons are scaled from the source image's size."""
+    size: int | None = None
+    """Generation size (square, a multiple of the model's ``size_multiple``; None: the model's own size,
+    ``cfg.image_size``); polygons are scaled from the source image's size."""
     images_per_prompt: int = 1
     """Images per sample (the benchmark uses 4)."""
     seed: int = 100
@@ -98,6 +100,9 @@ class EvalConfig:
     reference: bool = True
     """Also read the dataset's own images (resized to ``size``) with the same OCR path: the "reference" run, what
     the protocol gives on real text at this size (needs the image files)."""
+    reconstruction: bool = False
+    """Also read the model's VAE reconstructions of those images (decode(encode(x)) of the posterior mean): the
+    "reconstruction" run, the ceiling any image the model generates can reach (the autoencoder gate)."""
 
     def __post_init__(self) -> None:
         from ..config import ConfigError
@@ -107,8 +112,8 @@ class EvalConfig:
         self.data = tuple(os.fspath(p) for p in self.data)
         if not self.data:
             raise ConfigError("evaluate.data: give at least one AnyWord JSON file")
-        if self.size <= 0 or self.size % 64:
-            raise ConfigError(f"evaluate.size={self.size}: must be a positive multiple of 64")
+        if self.size is not None and (not isinstance(self.size, int) or self.size <= 0):
+            raise ConfigError(f"evaluate.size={self.size}: must be a positive integer (or None: the model's size)")
         if self.num is not None and self.num < 1:
             raise ConfigError(f"evaluate.num={self.num}: must be >= 1")
         if self.images_per_prompt < 1:
@@ -256,7 +261,9 @@ class RunSpec:
     cfg: float
     options: tuple = ()
     lora: bool = False
-    """Whether the LoRA is active (students) or bypassed (the teacher)."""
+    """Whether the LoRA is active (students) or bypassed (the teacher and the undistilled controls)."""
+    adapter: str | None = None
+    """With several adapters loaded (several students of one teacher): the one active in this run."""
 
     @property
     def unet_evals(self) -> int:
@@ -302,15 +309,18 @@ def initial_noise(seed: int, batch: int, channels: int, h: int, w: int) -> torch
     return torch.randn((batch, channels, h, w), generator=torch.Generator().manual_seed(int(seed) + 7919))
 
 
-def _lora_context(model, active: bool):
-    """Adapters on (student) or bypassed (teacher); a no-op for a model without a LoRA."""
+def _lora_context(model, spec: RunSpec):
+    """Adapters on (a student: ``spec.adapter``, or the model's active one) or bypassed (the teacher, controls); a
+    no-op for a model without a LoRA."""
     import contextlib
 
     from .. import lora as L
 
-    if active or not L.lora_layers(model):
+    if not L.lora_layers(model):
         return contextlib.nullcontext()
-    return L.disable_adapters(model)
+    if not spec.lora:
+        return L.disable_adapters(model)
+    return L.use_adapter(model, spec.adapter) if spec.adapter else contextlib.nullcontext()
 
 
 def _masks(polygons: Sequence, size: int) -> list[np.ndarray]:
@@ -336,7 +346,8 @@ class _RunRecord:
 
 
 def evaluate(model, cfg: EvalConfig, out: str | os.PathLike, reader=None, runtime: RuntimeOptions | None = None,
-             merge_lora_for_students: bool = False, progress: bool = True) -> dict:
+             merge_lora_for_students: bool = False, progress: bool = True,
+             runs: Sequence[RunSpec] | None = None) -> dict:
     """Generate with the teacher and every student, read the lines, score; write the images under ``out``.
 
     Args:
@@ -348,43 +359,49 @@ def evaluate(model, cfg: EvalConfig, out: str | os.PathLike, reader=None, runtim
         runtime: speed options (:mod:`~anytext2_lcm.evaluate.runtime`), applied to ``model`` in place.
         merge_lora_for_students: merge the LoRA into the weights after the teacher runs (faster student sampling;
             the teacher needs the adapters bypassed, which a merged LoRA cannot do).
+        runs: the runs instead of ``run_specs(cfg)`` (the first must be the teacher, the fidelity reference); e.g.
+            several students (``adapter``), the teacher's own DDIM at few steps, undistilled controls.
 
     Returns:
         The results document (see :func:`anytext2_lcm.evaluate.report.write_report`): config, dataset, runs,
         samples.
     """
-    from PIL import Image
-
     from .. import lora as L
     from .ocr import default_reader
 
     out = Path(out)
     reader = reader or default_reader()
     runtime = runtime or RuntimeOptions()
+    if cfg.size is None:
+        cfg = replace(cfg, size=model.cfg.image_size)
+    if cfg.size % model.cfg.size_multiple:
+        raise InputError(f"evaluate.size={cfg.size}: must be a multiple of {model.cfg.size_multiple} for this model")
     samples, load_rep = load_eval_samples(cfg)
     if not samples:
         raise InputError(f"no usable sample in {list(cfg.data)} (skipped: {dict(load_rep.skipped)})")
     has_lora = bool(L.lora_layers(model))
     view, gen = apply_runtime_options(model, runtime, generator_cls=EvalGenerator, glyph_font=cfg.glyph_font)
-    specs = run_specs(cfg)
+    specs = list(runs) if runs is not None else run_specs(cfg)
+    if specs[0].name != "teacher":
+        raise ValueError("evaluate: the first run must be the teacher (the fidelity reference)")
     records = {s.name: _RunRecord(s) for s in specs}
     per_sample = [{"index": s.index, "name": s.name, "seed": s.seed, "caption": s.caption,
                    "texts": [ln.text for ln in s.lines], "languages": [ln.language for ln in s.lines],
                    "reads": {}, "psnr": {}, "ssim": {}, "latent_mse": {}, "failed": {}} for s in samples]
     teacher_latents: dict[int, torch.Tensor] = {}
-    h = w = cfg.size // 8
+    h = w = cfg.size // model.cfg.latent_factor
     C = model.cfg.unet.in_channels
     merged = False
     charset = reader.charset
 
     for spec in specs:
-        if spec.lora and has_lora and merge_lora_for_students and not merged:
+        if spec.lora and has_lora and merge_lora_for_students and not merged and spec.adapter is None:
             L.merge_lora(model)
             merged = True
         img_dir = out / "images" / spec.folder
         img_dir.mkdir(parents=True, exist_ok=True)
         rec = records[spec.name]
-        with _lora_context(model, spec.lora):
+        with _lora_context(model, spec):
             if cfg.warmup:
                 # untimed, one step at the same shapes: first-call allocations, the blank-image posterior
                 warm = _request(samples[0], spec, cfg)
@@ -408,13 +425,13 @@ def evaluate(model, cfg: EvalConfig, out: str | os.PathLike, reader=None, runtim
                     rec.phases[k].append(v / n_img)
                 for k, img in enumerate(res.images):
                     if spec.name == "teacher" or cfg.save_student_images:
-                        Image.fromarray(img).save(img_dir / f"{s.index:05d}_{k}.png")
+                        save_image(img_dir / f"{s.index:05d}_{k}.png", img)
                 if spec.name == "teacher":
                     gdir = out / "images" / "glyphs"
                     gdir.mkdir(parents=True, exist_ok=True)
                     # glyphs are drawn in the line colours (black text is nearly invisible): show them white
                     prev = np.where(res.glyph_preview.max(-1, keepdims=True) > 0, 255, 0).astype(np.uint8)
-                    Image.fromarray(np.repeat(prev, 3, axis=2)).save(gdir / f"{s.index:05d}.png")
+                    save_image(gdir / f"{s.index:05d}.png", np.repeat(prev, 3, axis=2))
                     teacher_latents[s.index] = res.latents.float().cpu()
                 else:
                     _fidelity(rec, rec_s, spec, res, out / "images" / "teacher", s.index,
@@ -434,11 +451,8 @@ def evaluate(model, cfg: EvalConfig, out: str | os.PathLike, reader=None, runtim
     if merged:
         L.unmerge_lora(model)
 
-    runs = [_summarise(records[s.name], charset, records["teacher"]) for s in specs]
-    if cfg.reference:
-        ref = _read_reference(samples, per_sample, cfg, reader, out)
-        if ref.gts:
-            runs.insert(0, _summarise(ref, charset, None))
+    summaries = [_summarise(records[s.name], charset, records["teacher"]) for s in specs]
+    summaries = dataset_reads(model, cfg, samples, per_sample, reader, out) + summaries
     return {
         "config": _config_doc(cfg, model, runtime, has_lora, merge_lora_for_students, reader),
         "dataset": {"files": load_rep.files, "rows_read": load_rep.rows, "samples": len(samples),
@@ -446,7 +460,7 @@ def evaluate(model, cfg: EvalConfig, out: str | os.PathLike, reader=None, runtim
                     "languages": dict(Counter(ln.language for s in samples for ln in s.lines)),
                     "skipped_samples": dict(load_rep.skipped), "dropped_lines": dict(load_rep.dropped_lines),
                     "images_missing_size_assumed": load_rep.assumed_size},
-        "runs": runs,
+        "runs": summaries,
         "samples": per_sample,
     }
 
@@ -481,26 +495,66 @@ def _mean(v: Sequence[float]) -> float | None:
     return float(sum(v) / len(v)) if v else None
 
 
-def _read_reference(samples: list[EvalSample], per_sample: list[dict], cfg: EvalConfig, reader, out: Path
-                    ) -> _RunRecord:
-    """Read the lines of the dataset's own images at the evaluation size (the OCR path's reference figure)."""
+def dataset_reads(model, cfg: EvalConfig, samples: list[EvalSample], per_sample: list[dict], reader, out: Path
+                  ) -> list[dict]:
+    """The summaries of the "reference" (the dataset's images) and "reconstruction" (the model's VAE round trip of
+    them) rows, as ``cfg.reference`` / ``cfg.reconstruction`` ask; rows without readable images are left out."""
+    rows = []
+    for name, on in (("reference", cfg.reference), ("reconstruction", cfg.reconstruction)):
+        if on:
+            rec = _read_reference(samples, per_sample, cfg, reader, out, model if name == "reconstruction" else None)
+            if rec.gts:
+                rows.append(_summarise(rec, reader.charset, None))
+    return rows
+
+
+def read_dataset(model, cfg: EvalConfig, out: str | os.PathLike, reader=None) -> dict:
+    """Only the dataset rows (reference, reconstruction) of :func:`evaluate`, nothing generated: e.g. the
+    autoencoder gate of a model trained from nothing. Returns ``{"runs": [...], "samples": [...]}``."""
+    from .ocr import default_reader
+
+    reader = reader or default_reader()
+    if cfg.size is None:
+        cfg = replace(cfg, size=model.cfg.image_size)
+    samples, _ = load_eval_samples(cfg)
+    per_sample = [{"index": s.index, "name": s.name, "texts": [ln.text for ln in s.lines], "reads": {}}
+                  for s in samples]
+    return {"runs": dataset_reads(model, cfg, samples, per_sample, reader, Path(out)), "samples": per_sample}
+
+
+def _read_reference(samples: list[EvalSample], per_sample: list[dict], cfg: EvalConfig, reader, out: Path,
+                    model=None) -> _RunRecord:
+    """Read the lines of the dataset's own images at the evaluation size (the OCR path's reference figure), or,
+    with ``model``, of its VAE's reconstructions of them (the "reconstruction" run)."""
     from PIL import Image
 
-    rec = _RunRecord(RunSpec("reference", "-", 0, 0.0))
-    img_dir = out / "images" / "reference"
+    name = "reference" if model is None else "reconstruction"
+    rec = _RunRecord(RunSpec(name, "-", 0, 0.0))
+    img_dir = out / "images" / name
     for s, rec_s in zip(samples, per_sample):
         if s.image_path is None:
             continue
         with Image.open(s.image_path) as im:
             img = np.array(im.convert("RGB").resize((cfg.size, cfg.size), Image.BICUBIC))
+        if model is not None:
+            img = reconstruct(model, img)
         img_dir.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(img_dir / f"{s.index:05d}_0.png")
+        save_image(img_dir / f"{s.index:05d}_0.png", img)
         reads = reader.read_lines(img, _masks([ln.polygon for ln in s.lines], cfg.size))
-        rec_s["reads"]["reference"] = [reads]
+        rec_s["reads"][name] = [reads]
         rec.preds += reads
         rec.gts += [ln.text for ln in s.lines]
         rec.langs += [ln.language for ln in s.lines]
     return rec
+
+
+@torch.no_grad()
+def reconstruct(model, img: np.ndarray) -> np.ndarray:
+    """decode(encode(x).mean) of an (H, W, 3) uint8 image with the model's VAE → (H, W, 3) uint8."""
+    p = next(model.vae.parameters())
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].to(device=p.device, dtype=p.dtype) / 127.5 - 1.0
+    y = model.vae.decode(model.vae.encode(x)[0]).float().clamp(-1, 1)
+    return ((y[0].permute(1, 2, 0) + 1.0) * 127.5).round().to(torch.uint8).cpu().numpy()
 
 
 def _summarise(rec: _RunRecord, charset, teacher: _RunRecord | None) -> dict:
@@ -516,7 +570,7 @@ def _summarise(rec: _RunRecord, charset, teacher: _RunRecord | None) -> dict:
     spi = {"mean": _mean(rec.seconds), "median": statistics.median(rec.seconds) if rec.seconds else None,
            "images": len(rec.seconds), "phases_mean": {k: _mean(v) for k, v in rec.phases.items()}}
     fid = None
-    if rec.spec.name not in ("teacher", "reference"):
+    if rec.spec.name not in ("teacher", "reference", "reconstruction"):
         finite = [p for p in rec.psnr if math.isfinite(p)]
         fid = {"psnr_db": _mean(rec.psnr) if rec.psnr else None,
                "psnr_db_finite_mean": _mean(finite),

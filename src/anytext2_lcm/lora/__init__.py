@@ -50,8 +50,8 @@ from .targets import (  # noqa: F401
     read_targets,
 )
 from .adapters import (  # noqa: F401
-    LoraSpec, lora_layers, adapter_names, trainable_parameters, apply_lora, disable_adapters, set_lora_scale,
-    merge_lora, unmerge_lora, unload_lora,
+    LoraSpec, lora_layers, adapter_names, trainable_parameters, apply_lora, disable_adapters, use_adapter,
+    set_lora_scale, merge_lora, unmerge_lora, unload_lora,
 )
 from .files import (  # noqa: F401
     ADAPTER_FORMAT, PEFT_PREFIX, ADAPTER_WEIGHTS, ADAPTER_CONFIG, STUDENT_INFO, adapter_info, lora_state_dict,
@@ -68,5 +68,5 @@ __all__ = [
     "export", "export_kohya", "export_merged", "format_inventory", "kohya_names", "load_lora", "lora_layers",
     "lora_state_dict", "merge_lora", "merged_state_dict", "module_table", "parse_preset_expression", "read_targets",
     "resolve_targets", "save_lora", "seed_categories", "set_lora_scale", "targets_document", "trainable_parameters",
-    "unload_lora", "unmerge_lora", "write_targets",
+    "unload_lora", "unmerge_lora", "use_adapter", "write_targets",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -49,6 +50,10 @@ class LoraSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"lora.rank={self.rank!r}: must be a positive integer")
+        for name in ("alpha", "dropout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"lora.{name}={v!r}: must be a finite number")
         if not float(self.alpha) > 0:
             raise ConfigError(f"lora.alpha={self.alpha!r}: must be > 0")
         if not 0.0 <= float(self.dropout) < 1.0:
@@ -155,6 +160,33 @@ def disable_adapters(model: nn.Module):
     finally:
         for layer, was_disabled in zip(layers, states):
             layer.enable_adapters(not was_disabled)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def use_adapter(model: nn.Module, adapter_name: str):
+    """Run with one of several loaded adapters active (the others bypassed), e.g. several students of one teacher
+    in one model. The previous active adapters and the ``requires_grad`` flags come back on exit.
+
+    Raises:
+        KeyError: the model has no adapter ``adapter_name``. RuntimeError: a LoRA is merged.
+    """
+    layers = list(lora_layers(model).values())
+    if adapter_name not in adapter_names(model):
+        raise KeyError(f"the model has no LoRA adapter {adapter_name!r} (has {adapter_names(model)})")
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("use_adapter: a LoRA is merged into the weights; unmerge_lora(model) first")
+    flags = [(p, p.requires_grad) for layer in layers for name in layer.adapter_layer_names
+             for p in getattr(layer, name).parameters()]
+    before = [list(layer.active_adapters) for layer in layers]
+    for layer in layers:
+        layer.set_adapter([adapter_name] if adapter_name in layer.lora_A else [])
+    try:
+        yield model
+    finally:
+        for layer, names in zip(layers, before):
+            layer.set_adapter(names)
         for p, flag in flags:
             p.requires_grad_(flag)
 
