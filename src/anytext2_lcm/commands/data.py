@@ -78,6 +78,20 @@ def register(subparsers) -> None:
     ix.add_argument("--overwrite", action="store_true", help="replace an existing index")
     ix.set_defaults(func=index_data)
 
+    sh = subparsers.add_parser(
+        "make-shards", formatter_class=fmt,
+        help="write WebDataset tar shards (image + AnyWord annotation per sample) for data.shards",
+        description="Streams the annotation files and packs every row with its image file into tar shards "
+                    "(WebDataset layout) plus a shards.json manifest. Train on them with `data.shards: DIR`: ranks "
+                    "read disjoint shards sequentially, shuffled, with exact mid-epoch and elastic resume. Bad rows "
+                    "are kept and skipped (and counted) by the reader, as with the JSON files.")
+    sh.add_argument("json", nargs="+", help="AnyWord annotation files")
+    sh.add_argument("--out", required=True, help="folder for shard-NNNNNN.tar and shards.json")
+    sh.add_argument("--samples-per-shard", type=int, default=1000,
+                    help="samples per tar (a run needs at least as many shards as its global batch)")
+    sh.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    sh.set_defaults(func=make_shards)
+
 
 def make_data(args) -> int:
     from ..cli import UsageError
@@ -137,4 +151,24 @@ def index_data(args) -> int:
     bad = ", ".join(f"{k} {v}" for k, v in sorted(summary["bad"].items())) or "none"
     print(f"wrote {args.out}: {summary['rows']} rows from {len(summary['files'])} file(s) in "
           f"{time.perf_counter() - t0:.1f} s; rows the reader will skip as malformed: {bad}")
+    return 0
+
+
+def make_shards(args) -> int:
+    from ..cli import UsageError
+    from ..data.shards import MANIFEST, write_shards
+    from ..data.skips import DataFileError
+
+    out = Path(args.out)
+    if (out / MANIFEST).exists() and not args.overwrite:
+        raise UsageError(f"{out} already holds shards ({MANIFEST}); pass --overwrite or another --out")
+    if args.samples_per_shard < 1:
+        raise UsageError(f"--samples-per-shard {args.samples_per_shard}: must be >= 1")
+    try:
+        m = write_shards(args.json, out, args.samples_per_shard)
+    except DataFileError as e:
+        raise UsageError(str(e)) from None
+    size = sum(s["bytes"] for s in m["shards"])
+    print(f"wrote {m['samples']} samples in {len(m['shards'])} shards ({size / 2**20:.1f} MiB) to {out}; "
+          f"rows without a readable image (skipped when read): {m['images_missing']}")
     return 0

@@ -27,6 +27,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="override a field, e.g. --set train.max_steps=100 (repeatable; values are YAML)")
     p.add_argument("--resume", default=None, metavar="latest|PATH",
                    help="continue from the newest complete checkpoint of output_dir, or from a checkpoint folder")
+    p.add_argument("--init-adapter", default=None, metavar="PATH",
+                   help="start a new run from this LoRA adapter (shortcut for --set checkpoint.init_adapter=PATH)")
     p.add_argument("--output-dir", default=None, help="shortcut for --set output_dir=DIR")
     p.add_argument("--max-steps", type=int, default=None, help="shortcut for --set train.max_steps=N")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, and exit")
@@ -67,6 +69,8 @@ def build_config(args, method: str | tuple[str, ...] | None):
         overrides.append(f"checkpoint.resume={args.resume}")
     if args.output_dir is not None:
         overrides.append(f"output_dir={args.output_dir}")
+    if getattr(args, "init_adapter", None) is not None:
+        overrides.append(f"checkpoint.init_adapter={args.init_adapter}")
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     cfg = load_config(args.config, overrides, method=method)

@@ -436,10 +436,9 @@ class AnyWordDataset:
     def load_image(self, path: str) -> np.ndarray:
         """(H, W, 3) uint8 RGB at the file's own size. Raises SampleError (image_missing/unreadable/size)."""
         cfg = self.cfg
-        if not os.path.isfile(path):
-            raise SampleError("image_missing", path)
+        source = self.open_image(path)
         try:
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 w, h = im.size
                 if min(w, h) < cfg.min_image_side or max(w, h) > cfg.max_image_side \
                         or max(w, h) > cfg.max_aspect_ratio * min(w, h):
@@ -450,6 +449,12 @@ class AnyWordDataset:
             raise
         except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
             raise SampleError("image_unreadable", f"{path}: {type(e).__name__}: {e}") from e
+
+    def open_image(self, path: str):
+        """What ``Image.open`` reads for ``path`` (here the file; a shard reader hands over the bytes it holds)."""
+        if not os.path.isfile(path):
+            raise SampleError("image_missing", path)
+        return path
 
     def check_lines(self, row: Row, width: int, height: int) -> list[np.ndarray]:
         """Geometry and text checks of the valid lines; returns their polygons in training pixels."""

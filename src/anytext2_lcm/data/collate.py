@@ -160,21 +160,25 @@ def expand_batch(batch: dict, device=None, shared: bool = False, non_blocking: b
 class EpochSampler(Sampler):
     """Yields ``(epoch, index)`` so that each sample's randomness is fixed by (seed, epoch, index).
 
-    The order of an epoch is a permutation seeded by (seed, epoch) (or 0..n-1 without shuffle); with
-    ``world_size > 1`` it is padded by wrapping to a multiple of the world size and rank ``r`` takes every
-    ``world_size``-th index from ``r`` (as ``DistributedSampler``). ``start`` skips the first positions of this
-    rank's order once (mid-epoch resume); the next :meth:`set_epoch` starts from 0 unless told otherwise.
+    The order of an epoch is a permutation seeded by (seed, epoch) (or 0..n-1 without shuffle). The ranks deal it
+    out from global position ``offset`` (0 at an epoch's start): rank ``r`` takes positions ``offset + r``,
+    ``offset + r + world_size``, ... (as ``DistributedSampler``), the rest padded by wrapping to the epoch's start so
+    that every rank gets as many. A step of global batch G therefore takes the same G positions whatever the number
+    of processes, and a run resumed on another number of processes continues at the global position where the
+    checkpoint was (``offset``) without repeating or dropping a sample of the epoch. ``start`` skips the first
+    positions of this rank's share once (mid-epoch resume on the same processes); the next :meth:`set_epoch` starts
+    from 0 unless told otherwise.
     """
 
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
-                 epoch: int = 0, start: int = 0):
+                 epoch: int = 0, start: int = 0, offset: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         self.n, self.seed, self.shuffle, self.rank, self.world_size = n, seed, shuffle, rank, world_size
-        self.epoch, self.start = int(epoch), int(start)
+        self.epoch, self.start, self.offset = int(epoch), int(start), int(offset)
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = int(epoch), int(start)
+    def set_epoch(self, epoch: int, start: int = 0, offset: int = 0) -> None:
+        self.epoch, self.start, self.offset = int(epoch), int(start), int(offset)
 
     def order(self) -> list[int]:
         """This rank's indices for the current epoch (before ``start``)."""
@@ -182,10 +186,11 @@ class EpochSampler(Sampler):
             idx = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch])).permutation(self.n)
         else:
             idx = np.arange(self.n)
-        total = math.ceil(self.n / self.world_size) * self.world_size if self.n else 0
-        if total > self.n:
-            idx = np.concatenate([idx, idx[: total - self.n]])
-        return idx[self.rank::self.world_size].tolist()
+        tail = idx[self.offset:]
+        pad = -len(tail) % self.world_size if len(tail) else 0
+        if pad:
+            tail = np.concatenate([tail, np.resize(idx, pad)])
+        return tail[self.rank::self.world_size].tolist()
 
     def __iter__(self):
         epoch = self.epoch
@@ -276,6 +281,14 @@ class SkipMonitor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def merge_skips(states: list[dict]) -> dict:
+    """The skip counters of several ranks' loader states, summed (a :meth:`SkipMonitor.state_dict`)."""
+    counts: Counter = Counter()
+    for st in states:
+        counts.update({k: int(v) for k, v in st["skips"]["counts"].items()})
+    return {"seen": sum(int(st["skips"]["seen"]) for st in states), "counts": dict(counts)}
+
+
 class AnyWordLoader:
     """A DataLoader over an AnyWord dataset that counts skips and can resume mid-epoch exactly.
 
@@ -293,8 +306,8 @@ class AnyWordLoader:
     def epoch(self) -> int:
         return self.sampler.epoch
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.sampler.set_epoch(epoch, start)
+    def set_epoch(self, epoch: int, start: int = 0, offset: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start, offset)
         self.position = start
 
     def __len__(self) -> int:
@@ -310,11 +323,29 @@ class AnyWordLoader:
         log.info("data epoch %d done: %s", self.epoch, self.monitor.summary())
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "skips": self.monitor.state_dict()}
+        """This rank's place: the epoch, its items drawn in it, where the epoch's dealing started (``offset``) and
+        the number of ranks it is dealt to, and the skip counters."""
+        s = self.sampler
+        return {"epoch": self.epoch, "position": self.position, "offset": s.offset, "world": s.world_size,
+                "skips": self.monitor.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.set_epoch(int(state["epoch"]), int(state["position"]))
+        """Continue where :meth:`state_dict` was taken, on the same number of ranks."""
+        self.set_epoch(int(state["epoch"]), int(state["position"]), int(state.get("offset", 0)))
         self.monitor.load_state_dict(state["skips"])
+
+    def load_moved_state(self, states: list[dict]) -> None:
+        """Continue from the states of every rank of a run with another number of ranks (elastic resume): at the
+        epoch's global position they reached together (``offset + world * position``); this rank's skip counters
+        start from the run's totals on rank 0 and from 0 elsewhere (the rate is judged per rank)."""
+        epochs = {int(st["epoch"]) for st in states}
+        consumed = {int(st.get("offset", 0)) + int(st.get("world", len(states))) * int(st["position"])
+                    for st in states}
+        if len(epochs) != 1 or len(consumed) != 1:
+            raise ValueError(f"the ranks of the checkpoint are at different data positions: epochs {sorted(epochs)}, "
+                             f"global positions {sorted(consumed)}")
+        self.set_epoch(epochs.pop(), 0, consumed.pop())
+        self.monitor.load_state_dict(merge_skips(states) if self.sampler.rank == 0 else {"seen": 0, "counts": {}})
 
 
 def make_dataloader(dataset: AnyWordDataset, batch_size: int, *, num_workers: int = 2, shuffle: bool = True,

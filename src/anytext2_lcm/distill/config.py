@@ -356,7 +356,15 @@ class CheckpointSection:
     """null (start fresh; refuses an output_dir that already has checkpoints), "latest" (newest complete
     checkpoint, or start fresh when there is none) or a checkpoint folder."""
 
+    init_adapter: str | None = None
+    """A LoRA adapter (PEFT folder or ``.safetensors``, e.g. another run's ``OUTPUT/adapter``) whose weights start a
+    fresh run instead of PEFT's initialisation (fine-tuning it, or moving a run to another teacher or data); the
+    optimizer, schedule and data position start anew. Its modules and ranks must be this run's ``lora``. Not used
+    when the run resumes from a checkpoint (``--init-adapter``)."""
+
     def __post_init__(self) -> None:
+        _check(self.init_adapter is None or (isinstance(self.init_adapter, str) and self.init_adapter != ""),
+               "checkpoint.init_adapter", self.init_adapter, "must be an adapter path or null")
         _check(_is_int(self.every_n_steps) and self.every_n_steps >= 0, "checkpoint.every_n_steps",
                self.every_n_steps, "must be an integer >= 0")
         _check(_is_int(self.keep_last) and self.keep_last >= 1, "checkpoint.keep_last", self.keep_last,
@@ -487,8 +495,10 @@ class TrainConfig:
         _check(self.method in METHODS, "method", self.method, f"unknown method (known: {METHODS})")
         _check(isinstance(self.output_dir, str) and self.output_dir != "", "output_dir", self.output_dir,
                "must be a folder path")
-        _check(len(self.data.json_paths) >= 1, "data.json_paths", list(self.data.json_paths),
-               "give at least one AnyWord annotation file")
+        _check(len(self.data.json_paths) >= 1 or bool(self.data.index or self.data.shards), "data.json_paths",
+               list(self.data.json_paths), "give at least one AnyWord annotation file (or data.index, data.shards)")
+        _check(self.checkpoint.init_adapter is None or self.method in DISTILL_METHODS, "checkpoint.init_adapter",
+               self.checkpoint.init_adapter, f"starts a LoRA student: methods {DISTILL_METHODS} only")
         T = 1000  # every preset's diffusion.timesteps; the grid must tile it
         n = self.distill.num_ddim_timesteps
         _check(n <= T and T % n == 0, "distill.num_ddim_timesteps", n, f"must divide the {T} training timesteps")
@@ -660,6 +670,20 @@ def check_paths(cfg: TrainConfig) -> None:
     """The files a run needs exist: data annotation files, the teacher, an explicit resume checkpoint."""
     for p in cfg.data.json_paths:
         _check(Path(p).is_file(), "data.json_paths", p, "file not found")
+    if cfg.data.index:
+        _check(Path(cfg.data.index).is_file(), "data.index", cfg.data.index, "file not found (write it with "
+               "`anytext2-lcm index-data`)")
+    if cfg.data.shards:
+        _check((Path(cfg.data.shards) / "shards.json").is_file(), "data.shards", cfg.data.shards,
+               "no shards.json in that folder (write shards with `anytext2-lcm make-shards`)")
+    if cfg.checkpoint.init_adapter:
+        _check(Path(cfg.checkpoint.init_adapter).exists(), "checkpoint.init_adapter", cfg.checkpoint.init_adapter,
+               "adapter not found")
+    if cfg.model.teacher is not None:
+        from ..factory import MODEL_NAMES
+
+        _check(cfg.model.teacher in MODEL_NAMES or Path(cfg.model.teacher).exists(), "model.teacher",
+               cfg.model.teacher, f"file or folder not found (or a model name: {', '.join(MODEL_NAMES)})")
     if cfg.model.teacher is not None:
         from ..factory import MODEL_NAMES
 

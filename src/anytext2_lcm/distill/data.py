@@ -41,14 +41,34 @@ def training_worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def build_loader(cfg, rank: int = 0, world_size: int = 1) -> AnyWordLoader:
-    """The loader of a :class:`~.config.TrainConfig` for one rank (shuffled, epoch-seeded by ``data.seed``)."""
-    dataset = AnyWordDataset(cfg.data)
-    sampler = EpochSampler(len(dataset), cfg.data.seed, True, rank, world_size)
+def _data_loader(cfg, dataset, sampler) -> DataLoader:
     workers = cfg.train.num_workers
     kwargs = {"worker_init_fn": training_worker_init} if workers > 0 else {}
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
-                        collate_fn=IndexedCollate(AnyWordCollate.for_dataset(dataset)),
-                        generator=torch.Generator().manual_seed(cfg.train.seed), **kwargs)
+    return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=IndexedCollate(AnyWordCollate.for_dataset(dataset)),
+                      generator=torch.Generator().manual_seed(cfg.train.seed), **kwargs)
+
+
+def build_loader(cfg, rank: int = 0, world_size: int = 1) -> AnyWordLoader:
+    """The loader of a :class:`~.config.TrainConfig` for one rank (shuffled, epoch-seeded by ``data.seed``); with
+    ``data.shards``, the rank's shard streams (:mod:`anytext2_lcm.data.shards`)."""
+    if cfg.data.shards:
+        return build_shard_loader(cfg, rank, world_size)
+    dataset = AnyWordDataset(cfg.data)
+    sampler = EpochSampler(len(dataset), cfg.data.seed, True, rank, world_size)
+    loader = _data_loader(cfg, dataset, sampler)
     monitor = SkipMonitor(cfg.data.max_skip_rate, min(cfg.data.min_items_for_skip_rate, max(len(dataset), 1)))
     return AnyWordLoader(dataset, loader, sampler, monitor)
+
+
+def build_shard_loader(cfg, rank: int = 0, world_size: int = 1):
+    """One rank's :class:`~anytext2_lcm.data.shards.ShardLoader`: G = batch x accumulation x processes streams."""
+    from ..data.shards import ShardDataset, ShardLoader, ShardSet, ShardStreams
+
+    t = cfg.train
+    shards = ShardSet(cfg.data.shards)
+    streams = ShardStreams(shards, cfg.data, t.batch_size * t.gradient_accumulation_steps * world_size, rank,
+                           world_size, t.batch_size, t.gradient_accumulation_steps)
+    dataset = ShardDataset(cfg.data, shards)
+    monitor = SkipMonitor(cfg.data.max_skip_rate, min(cfg.data.min_items_for_skip_rate, max(len(dataset), 1)))
+    return ShardLoader(dataset, _data_loader(cfg, dataset, streams), streams, monitor)

@@ -51,6 +51,7 @@ from .components import (StopSignals, build_teacher, enable_gradient_checkpointi
                          make_optimizer, teacher_fingerprint, trainable_state)
 from .config import TrainConfig, dump_yaml
 from .data import build_loader
+from .elastic import BATCH_KEYS, load_init_adapter, load_moved, resume_accumulation, structure_diff
 from .lcm import LCMMethod
 from .pcm import PCMMethod
 from .recognizer import OCRMethod
@@ -173,17 +174,22 @@ class Trainer:
             log.info("checkpoint.resume=latest: no complete checkpoint in %s, starting fresh", self.ckpt.root)
             return None
         saved = CheckpointReader(path).json("train_state.json")
-        mine = self.cfg.structure()
-        mine["world_size"] = self.world
-        diff = [f"{k}: checkpoint {saved['structure'].get(k)!r}, this run {v!r}" for k, v in mine.items()
-                if saved["structure"].get(k) != v]
+        diff = structure_diff(saved["structure"], {**self.cfg.structure(), "world_size": self.world})
         if diff:
             raise CheckpointError(f"cannot resume from {path}: it was made with other structural settings ("
                                   + "; ".join(diff) + "); use a new output_dir to start a different run")
+        self._geometry(path, saved)  # another number of processes: the global batch must be kept
         if saved["teacher"] != self.teacher_id:
             raise CheckpointError(f"cannot resume from {path}: it was trained from another teacher "
                                   f"({saved['teacher']}, this run {self.teacher_id})")
         return path
+
+    def _geometry(self, path: Path, saved: dict) -> int:
+        """The gradient accumulation to resume ``saved`` with (``distill.elastic``: the global batch is kept)."""
+        t, st = self.cfg.train, saved["state"]
+        a0 = int(saved["structure"]["train.gradient_accumulation_steps"])
+        return resume_accumulation(path, saved["structure"], t.batch_size, t.gradient_accumulation_steps, self.world,
+                                   int(st["micro_step"]) - int(st["global_step"]) * a0)
 
     def _decide_start(self) -> None:
         """Rank 0 fingerprints the teacher and picks (and verifies) the checkpoint; every rank gets its answer, or
@@ -208,11 +214,16 @@ class Trainer:
     def setup(self) -> None:
         cfg, acc = self.cfg, self.accelerator
         self._decide_start()  # before anything heavy: a wrong resume fails fast
+        if self.resume_from is not None:  # every rank takes the accumulation rank 0 checked
+            saved = CheckpointReader(self.resume_from).json("train_state.json")
+            cfg.train.gradient_accumulation_steps = self._geometry(self.resume_from, saved)
         seed_everything(cfg.train.seed + self.rank)
         model = build_teacher(cfg.model)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)  # the LoRA initialisation: the same on every rank and resume
             params = self.method.configure_model(model)
+        if cfg.checkpoint.init_adapter and self.resume_from is None:
+            load_init_adapter(model, cfg.checkpoint.init_adapter, cfg.lora.adapter_name, cfg.lora.alpha)
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if cfg.train.cast_frozen and self.mixed_precision != "no":
@@ -287,6 +298,12 @@ class Trainer:
         if self.accelerator.scaler is not None and reader.has("scaler.pt"):
             self.accelerator.scaler.load_state_dict(reader.obj("scaler.pt"))
         self.state = TrainState.from_dict(saved["state"])
+        t = self.cfg.train
+        if tuple(int(saved["structure"].get(k, self.world)) for k in BATCH_KEYS) != (
+                t.batch_size, t.gradient_accumulation_steps, self.world):
+            load_moved(self, reader, saved)  # another number of processes (at a step boundary)
+            self.last_checkpoint = path
+            return
         r = self.rank
         data = reader.json(f"data_rank{r}.json")
         self.loader.load_state_dict(data["loader"])
