@@ -37,6 +37,7 @@ class TrainBatch:
         gens: B CPU generators; a method draws each sample's timestep, guidance and noise from its own.
         indices: dataset indices of the samples.
         epoch: data epoch.
+        texts / languages: per sample, the texts and language labels of its line slots (the OCR loss reads them).
     """
 
     latents: torch.Tensor
@@ -48,6 +49,8 @@ class TrainBatch:
     gens: list[torch.Generator]
     indices: list[int]
     epoch: int
+    texts: list[list[str]] = field(default_factory=list)
+    languages: list[list[str]] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -79,7 +82,9 @@ def prepare_batch(model: nn.Module, batch: dict, seed: int, epoch: int, device: 
     text_info = TextInfo(n_lines=batch["n_lines"].to(device), masked_x=z[B:], **fields)
     return TrainBatch(latents=z[:B], text_info=text_info, img_captions=list(batch["img_caption"]),
                       text_captions=list(batch["text_caption"]), inv_mask=batch["inv_mask"].to(device),
-                      hint=batch["hint"].to(device), gens=gens, indices=list(batch["index"]), epoch=epoch)
+                      hint=batch["hint"].to(device), gens=gens, indices=list(batch["index"]), epoch=epoch,
+                      texts=[list(t) for t in batch.get("texts", [])],
+                      languages=[list(t) for t in batch.get("language", [])])
 
 
 def text_weight_map(hint: torch.Tensor, size: tuple[int, int], extra: float) -> torch.Tensor | None:

@@ -12,6 +12,7 @@ complete examples)::
     distill:    {guidance_scale_range: [7.0, 8.0], loss: huber, huber_c: 0.001, ...}
     pcm:        {num_phases: 4, convention: inference, cfg_free_teacher: false, empty_prompt_fraction: 0.1}
     teacher_training: {trainable: [writenet, embedding_manager, attnx]}
+    decoder_training: {channels: 64, crop: 256, text_loss_weight: 4.0}   # method: decoder (train-decoder)
     optim:      {learning_rate: 1.0e-4, lr_scheduler: constant, lr_warmup_steps: 500, ...}
     train:      {max_steps: 1000, batch_size: 4, gradient_accumulation_steps: 1, mixed_precision: bf16, ...}
     checkpoint: {every_n_steps: 200, keep_last: 3, resume: latest}
@@ -31,25 +32,28 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS, ConfigError
+from ..config import MAX_SEED, PRESETS, ConfigError, is_seed
 from ..data.anyword import DataConfig
 from ..lora import LoraSpec
 from ..defaults import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
 from ..samplers.pcm import PCM_CONVENTIONS
 
-METHODS = ("lcm", "pcm", "teacher", "vae", "ocr")
+METHODS = ("lcm", "pcm", "teacher", "vae", "ocr", "decoder")
 """Training objectives this trainer runs."""
 TEACHER_METHODS = ("teacher", "vae", "ocr")
 """The methods that train the teacher itself (``anytext2-lcm train-teacher``): AnyText2's objective, and the
 autoencoder and glyph recogniser that a teacher trained from nothing needs first."""
 DISTILL_METHODS = ("lcm", "pcm")
 """The methods that distil a LoRA student from the frozen teacher."""
+DECODER_METHOD = "decoder"
+"""The method of ``anytext2-lcm train-decoder``: the model's VAE decoder distilled into a light decoder."""
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LOSSES = ("huber", "l2")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -68,7 +72,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float (NaN and ±Inf are refused everywhere a number is expected)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -99,8 +104,7 @@ class ModelSection:
                self.teacher, "must be a path or null")
         _check(self.preset in PRESETS, "model.preset", self.preset, f"unknown preset (known: {sorted(PRESETS)})")
         _check(self.init in ("default", "original"), "model.init", self.init, "must be 'default' or 'original'")
-        _check(_is_int(self.init_seed) and self.init_seed >= 0, "model.init_seed", self.init_seed,
-               "must be an integer >= 0")
+        _check(is_seed(self.init_seed), "model.init_seed", self.init_seed, f"must be an integer in 0..{MAX_SEED}")
 
 
 @dataclass(kw_only=True)
@@ -232,6 +236,39 @@ class TeacherTrainingSection:
 
 
 @dataclass(kw_only=True)
+class OCRLossSection:
+    """AnyText's text-aware loss terms (``distill.ocr_loss``), off by default: the model's frozen glyph recogniser
+    reads every line of the decoded x̂0. ``method: teacher``: x̂0 from the predicted ε against the training image's
+    latent; ``lcm``/``pcm``: the student's x̂0 against ``reference``."""
+
+    alpha: float = 0.0
+    """Weight of the OCR perceptual term: mean (neck(pred) − neck(reference))² (AnyText's ``loss_alpha``, 0.003)."""
+    beta: float = 0.0
+    """Weight of the CTC term: the recogniser's CTC loss of the predicted lines against their texts
+    (AnyText's ``loss_beta``)."""
+    latin_weight: float = 1.0
+    """Extra weight of Latin lines (AnyText's ``latin_weight``)."""
+    step_weight: bool = True
+    """Weight each sample's lines by ᾱ_t of its timestep (AnyText's ``with_step_weight``)."""
+    reference: str = "target"
+    """Distillation: "target" (LCM: the consistency target, the student's own no-grad estimate one teacher step
+    later) or "teacher" (the guided teacher's x̂0 at the student's point; PCM always uses this)."""
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "latin_weight"):
+            v = getattr(self, name)
+            _check(_is_num(v) and v >= 0 and v == v and v != float("inf"), f"ocr_loss.{name}", v,
+                   "must be a finite number >= 0")
+        _check(isinstance(self.step_weight, bool), "ocr_loss.step_weight", self.step_weight, "must be true or false")
+        _check(self.reference in ("target", "teacher"), "ocr_loss.reference", self.reference,
+               "must be 'target' or 'teacher'")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.alpha or self.beta)
+
+
+@dataclass(kw_only=True)
 class AutoencoderSection:
     """The autoencoder objective (``method: vae``): the model's VAE trained as a deterministic autoencoder on the
     data's images (L1 + L2 reconstruction of the posterior mean), then calibrated for diffusion (``distill.vae``)."""
@@ -254,6 +291,34 @@ class AutoencoderSection:
                self.posterior_std, "must be > 0")
         _check(_is_int(self.calibration_samples) and self.calibration_samples >= 1,
                "vae_training.calibration_samples", self.calibration_samples, "must be an integer >= 1")
+
+
+@dataclass(kw_only=True)
+class DecoderTrainingSection:
+    """The light-decoder objective (``method: decoder``, ``anytext2-lcm train-decoder``): the model's own VAE decoder
+    distilled into diffusers' ``AutoencoderTiny`` decoder (``distill.decoder``); the rest of the model is frozen."""
+
+    channels: int = 64
+    """Width of every level of the light decoder (TAESD: 64; about 1.2 M parameters for an 8x latent factor)."""
+    crop: int = 256
+    """Train on random crops of this side, aligned to the latent grid (0, or at least the image side: whole images).
+    The decoder is convolutional, so it is used on whole images; crops cost a fraction of the time."""
+    text_loss_weight: float = 4.0
+    """λ: the error to the full decoder's image is weighted 1 + λ inside the text lines (their positions)."""
+    report_samples: int = 16
+    """Images of the data whose light and full decodes are compared (PSNR) in ``OUTPUT/light_decoder.json``."""
+    cost_repeats: int = 3
+    """Timed decodes per decoder (interleaved, median) for the cost in ``OUTPUT/light_decoder.json``."""
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.channels) and self.channels >= 8, "decoder_training.channels", self.channels,
+               "must be an integer >= 8")
+        _check(_is_int(self.crop) and self.crop >= 0, "decoder_training.crop", self.crop, "must be an integer >= 0")
+        _check(_is_num(self.text_loss_weight) and self.text_loss_weight >= 0, "decoder_training.text_loss_weight",
+               self.text_loss_weight, "must be >= 0")
+        for name in ("report_samples", "cost_repeats"):
+            v = getattr(self, name)
+            _check(_is_int(v) and v >= 1, f"decoder_training.{name}", v, "must be an integer >= 1")
 
 
 @dataclass(kw_only=True)
@@ -338,7 +403,7 @@ class TrainSection:
             _check(_is_int(v) and v >= 1, f"train.{name}", v, "must be an integer >= 1")
         _check(self.mixed_precision in MIXED_PRECISION, "train.mixed_precision", self.mixed_precision,
                f"must be one of {MIXED_PRECISION}")
-        _check(_is_int(self.seed) and self.seed >= 0, "train.seed", self.seed, "must be an integer >= 0")
+        _check(is_seed(self.seed), "train.seed", self.seed, f"must be an integer in 0..{MAX_SEED}")
         _check(_is_int(self.num_workers) and self.num_workers >= 0, "train.num_workers", self.num_workers,
                "must be an integer >= 0")
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "must be auto, cpu or cuda")
@@ -353,8 +418,10 @@ class CheckpointSection:
     keep_last: int = 3
     """Complete checkpoints kept; older ones are deleted only after a newer one is complete."""
     resume: str | None = None
-    """null (start fresh; refuses an output_dir that already has checkpoints), "latest" (newest complete
-    checkpoint, or start fresh when there is none) or a checkpoint folder."""
+    """null (start fresh; refuses an output_dir that already holds checkpoints), "latest" (the newest checkpoint
+    that verifies; a fresh start only when there is no checkpoint at all: when checkpoints exist but none verifies,
+    the run stops (exit 2) naming each one and why), "fresh" (start from step 0 even though checkpoints exist: they
+    are moved to ``checkpoints/previous-<time>/``, never deleted) or a checkpoint folder."""
 
     init_adapter: str | None = None
     """A LoRA adapter (PEFT folder or ``.safetensors``, e.g. another run's ``OUTPUT/adapter``) whose weights start a
@@ -370,7 +437,7 @@ class CheckpointSection:
         _check(_is_int(self.keep_last) and self.keep_last >= 1, "checkpoint.keep_last", self.keep_last,
                "must be an integer >= 1 (the rotation limit)")
         _check(self.resume is None or (isinstance(self.resume, str) and self.resume != ""), "checkpoint.resume",
-               self.resume, "must be null, 'latest' or a checkpoint folder")
+               self.resume, "must be null, 'latest', 'fresh' or a checkpoint folder")
 
 
 @dataclass(kw_only=True)
@@ -417,7 +484,7 @@ class ValidationSection:
                "validation.steps", self.steps, "must be a non-empty list of integers >= 1")
         self.steps = tuple(steps)
         _check(_is_num(self.cfg_scale) and self.cfg_scale > 0, "validation.cfg_scale", self.cfg_scale, "must be > 0")
-        _check(_is_int(self.seed) and self.seed >= 0, "validation.seed", self.seed, "must be an integer >= 0")
+        _check(is_seed(self.seed), "validation.seed", self.seed, f"must be an integer in 0..{MAX_SEED}")
         _check(_is_int(self.image_size) and self.image_size >= 64 and self.image_size % 64 == 0,
                "validation.image_size", self.image_size, "must be a positive multiple of 64")
         _check(isinstance(self.prompts, list), "validation.prompts", self.prompts, "must be a list")
@@ -459,6 +526,17 @@ class DebugSection:
                "must be >= 0")
 
 
+def _check_output_dir(path: str) -> None:
+    """``output_dir`` must be a folder or creatable as one: not an existing file, not below a file, writable."""
+    p = Path(path)
+    _check(not (p.exists() and not p.is_dir()), "output_dir", path, "is an existing file, not a folder")
+    parent = p
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    _check(parent.is_dir(), "output_dir", path, f"cannot be created: {parent} is a file")
+    _check(os.access(parent, os.W_OK | os.X_OK), "output_dir", path, f"{parent} is not writable")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The tree
 # ---------------------------------------------------------------------------------------------------------------
@@ -470,8 +548,9 @@ class TrainConfig:
 
     method: str = "lcm"
     """Objective: "lcm" (LCM-LoRA distillation from the frozen teacher), "pcm" (phased consistency distillation,
-    section ``pcm``), "teacher" (AnyText2's own objective), "vae" (the autoencoder, section ``vae_training``) or "ocr"
-    (the glyph recogniser, CTC; ``distill.recognizer``)."""
+    section ``pcm``), "teacher" (AnyText2's own objective), "vae" (the autoencoder, section ``vae_training``), "ocr"
+    (the glyph recogniser, CTC; ``distill.recognizer``) or "decoder" (a light decoder distilled from the VAE
+    decoder, section ``decoder_training``; ``anytext2-lcm train-decoder``)."""
     output_dir: str = "runs/distill"
     """Run folder: checkpoints/, logs/ (TensorBoard), metrics.jsonl, validation/, config.yaml and the results
     (adapter/ + adapter.safetensors; a teacher run: model/)."""
@@ -484,6 +563,8 @@ class TrainConfig:
     pcm: PCMSection = field(default_factory=PCMSection)
     teacher_training: TeacherTrainingSection = field(default_factory=TeacherTrainingSection)
     vae_training: AutoencoderSection = field(default_factory=AutoencoderSection)
+    ocr_loss: OCRLossSection = field(default_factory=OCRLossSection)
+    decoder_training: DecoderTrainingSection = field(default_factory=DecoderTrainingSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -495,6 +576,7 @@ class TrainConfig:
         _check(self.method in METHODS, "method", self.method, f"unknown method (known: {METHODS})")
         _check(isinstance(self.output_dir, str) and self.output_dir != "", "output_dir", self.output_dir,
                "must be a folder path")
+        _check_output_dir(self.output_dir)
         _check(len(self.data.json_paths) >= 1 or bool(self.data.index or self.data.shards), "data.json_paths",
                list(self.data.json_paths), "give at least one AnyWord annotation file (or data.index, data.shards)")
         _check(self.checkpoint.init_adapter is None or self.method in DISTILL_METHODS, "checkpoint.init_adapter",
@@ -505,6 +587,10 @@ class TrainConfig:
         if self.method == "pcm":
             _check(self.pcm.num_phases <= n, "pcm.num_phases", self.pcm.num_phases,
                    f"must not exceed distill.num_ddim_timesteps ({n}): every phase needs a grid point")
+            _check(not self.ocr_loss.active or self.ocr_loss.reference == "teacher", "ocr_loss.reference",
+                   self.ocr_loss.reference, "PCM's target is a phase edge, not an x0: use 'teacher'")
+        _check(not self.ocr_loss.active or self.method in ("teacher", "lcm", "pcm"), "ocr_loss.alpha",
+               self.ocr_loss.alpha, f"the OCR loss applies to teacher, lcm and pcm, not {self.method!r}")
         if self.method in DISTILL_METHODS:
             _check(not self.lora.train_embedding_manager, "lora.train_embedding_manager",
                    self.lora.train_embedding_manager,
@@ -515,6 +601,9 @@ class TrainConfig:
         elif self.method == "teacher":
             _check(self.validation.sampler == "ddim" or self.validation.every_n_steps == 0, "validation.sampler",
                    self.validation.sampler, "a teacher is validated with ddim (and e.g. steps [20], cfg_scale 7.5)")
+        elif self.method == DECODER_METHOD:
+            _check(self.validation.every_n_steps == 0, "validation.every_n_steps", self.validation.every_n_steps,
+                   "must be 0 for method decoder (its report compares the decoders at the end of the run)")
         _check(self.optim.lr_warmup_steps <= self.train.max_steps or self.optim.lr_scheduler == "constant",
                "optim.lr_warmup_steps", self.optim.lr_warmup_steps,
                f"must not exceed train.max_steps ({self.train.max_steps})")
@@ -546,6 +635,9 @@ class TrainConfig:
             s["teacher_training.trainable"] = list(self.teacher_training.trainable)
         elif self.method == "vae":
             s["vae_training.crop"] = self.vae_training.crop
+        elif self.method == DECODER_METHOD:
+            s.update({"decoder_training.channels": self.decoder_training.channels,
+                      "decoder_training.crop": self.decoder_training.crop})
         else:
             s.update({"lora.rank": self.lora.rank, "lora.alpha": float(self.lora.alpha),
                       "lora.targets": self.lora.targets if isinstance(self.lora.targets, str)
@@ -684,14 +776,9 @@ def check_paths(cfg: TrainConfig) -> None:
 
         _check(cfg.model.teacher in MODEL_NAMES or Path(cfg.model.teacher).exists(), "model.teacher",
                cfg.model.teacher, f"file or folder not found (or a model name: {', '.join(MODEL_NAMES)})")
-    if cfg.model.teacher is not None:
-        from ..factory import MODEL_NAMES
-
-        _check(cfg.model.teacher in MODEL_NAMES or Path(cfg.model.teacher).exists(), "model.teacher",
-               cfg.model.teacher, f"file or folder not found (or a model name: {', '.join(MODEL_NAMES)})")
     r = cfg.checkpoint.resume
-    if r is not None and r != "latest":
-        _check(Path(r).is_dir(), "checkpoint.resume", r, "checkpoint folder not found (or use 'latest')")
+    if r is not None and r not in ("latest", "fresh"):
+        _check(Path(r).is_dir(), "checkpoint.resume", r, "checkpoint folder not found (or use 'latest' or 'fresh')")
     if isinstance(cfg.lora.targets, str) and cfg.lora.targets.endswith(".json"):
         _check(Path(cfg.lora.targets).is_file(), "lora.targets", cfg.lora.targets, "targets file not found")
 

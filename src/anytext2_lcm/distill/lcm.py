@@ -30,6 +30,7 @@ from ..pipeline import Branches, GuidedDenoiser, encode_branches, image_prompt
 from ..samplers.schedule import NoiseSchedule
 from .batch import Method, StepOutput, TrainBatch, randn_per_sample, text_weight_map
 from .losses import huber_loss, l2_loss
+from .ocr_loss import ocr_text_loss
 from .solver import (DDIMSolver, consistency_output, imagen_scale_to_lcm_w, lcm_guidance, predicted_original_sample,
                      sample_guidance_w)
 
@@ -156,7 +157,8 @@ def distance(student: torch.Tensor, target: torch.Tensor, tb: TrainBatch, loss_t
 def lcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, cond: DistillConditions, solver: DDIMSolver,
              schedule: NoiseSchedule, guidance_scale_range: tuple[float, float], loss_type: str = "huber",
              huber_c: float = 0.001, text_loss_weight: float = 0.0, timestep_scaling: float = 10.0,
-             sigma_data: float = 0.5, strength: float = 1.0, attnx_scale: float = 1.0) -> StepOutput:
+             sigma_data: float = 0.5, strength: float = 1.0, attnx_scale: float = 1.0,
+             x0_term=None) -> StepOutput:
     """One LCM consistency-distillation loss (B samples, latents (B, 4, h, w)).
 
     Args:
@@ -166,6 +168,9 @@ def lcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, cond: DistillCond
         cond: :func:`distill_conditions` of ``tb``.
         solver: the DDIM solver on the N-point grid.
         guidance_scale_range: (low, high) of the teacher's Imagen-form CFG scale.
+        x0_term: ``x0_term(student, target, teacher_x0, t) → (loss, logs)`` added to the distance (the OCR loss,
+            ``distill.ocr_loss``): the student's output with grad, the consistency target and the guided teacher's
+            x̂0 at ``t`` = t_{n+k}.
     Returns:
         ``StepOutput`` with the loss and, in ``tensors``: index, start, end, w, x_t, student, x_prev, target.
     """
@@ -190,9 +195,14 @@ def lcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, cond: DistillCond
         target = consistency_output(x_prev, predicted_original_sample(eps_t, x_prev, d.end, schedule), d.end,
                                     timestep_scaling, sigma_data)
 
-    # 6. Distance.
+    # 6. Distance (+ the text-aware term).
     loss = distance(student, target, tb, loss_type, huber_c, text_loss_weight)
-    return StepOutput(loss, {"w": float(d.w.mean()), "t": float(d.start.float().mean())},
+    logs = {"w": float(d.w.mean()), "t": float(d.start.float().mean())}
+    if x0_term is not None:
+        extra, extra_logs = x0_term(student, target, pred_x0, d.start)
+        loss = loss + extra
+        logs.update(extra_logs)
+    return StepOutput(loss, logs,
                       {"index": d.index, "start": d.start, "end": d.end, "w": d.w, "x_t": x_t.detach(),
                        "student": student.detach(), "x_prev": x_prev, "target": target})
 
@@ -235,7 +245,19 @@ class LCMMethod(Method):
         d = self.cfg.distill
         cond = distill_conditions(model, tb, d.a_prompt, d.n_prompt, self.writenet_lora)
         return lcm_step(net, model, tb, cond, self.solver, self.schedule, d.guidance_scale_range, d.loss, d.huber_c,
-                        d.text_loss_weight, d.timestep_scaling, d.sigma_data, d.control_strength, d.attnx_scale)
+                        d.text_loss_weight, d.timestep_scaling, d.sigma_data, d.control_strength, d.attnx_scale,
+                        self.x0_term(model, tb))
+
+    def x0_term(self, model: nn.Module, tb: TrainBatch):
+        """The OCR loss of the student's x̂0 against ``ocr_loss.reference`` (None when the section is off)."""
+        o = self.cfg.ocr_loss
+        if not o.active:
+            return None
+
+        def term(student, target, teacher_x0, t):
+            ref = teacher_x0 if o.reference == "teacher" else target
+            return ocr_text_loss(model, student, ref, tb.text_info, tb.texts, tb.languages, t, o)
+        return term
 
     def save_results(self, model: nn.Module, output_dir: Path) -> list[Path]:
         name = self.cfg.lora.adapter_name

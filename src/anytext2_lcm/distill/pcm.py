@@ -73,7 +73,8 @@ def pcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, solver: DDIMSolve
              edges: torch.Tensor, guidance_scale_range: tuple[float, float], cfg_free: bool = False,
              empty_prompt_fraction: float = 0.0, empty_image_prompt: str = "", a_prompt: str = "",
              n_prompt: str = "", writenet_lora: bool = False, loss_type: str = "huber", huber_c: float = 0.001,
-             text_loss_weight: float = 0.0, strength: float = 1.0, attnx_scale: float = 1.0) -> StepOutput:
+             text_loss_weight: float = 0.0, strength: float = 1.0, attnx_scale: float = 1.0,
+             x0_term=None) -> StepOutput:
     """One PCM consistency-distillation loss (B samples, latents (B, 4, h, w)).
 
     Args:
@@ -85,6 +86,8 @@ def pcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, solver: DDIMSolve
         edges: (M,) ascending phase-edge indices (:func:`~.solver.pcm_phase_edges`).
         guidance_scale_range: Imagen-form CFG scale range of the guided teacher (unused with ``cfg_free``).
         cfg_free: CFG-free teacher with empty prompts at ``empty_prompt_fraction``.
+        x0_term: as in :func:`~.lcm.lcm_step`, called with the student's x̂0 at t_{n+k} (with grad) and the
+            teacher's x̂0 there (twice: PCM's target is a phase edge, not an x̂0).
     Returns:
         ``StepOutput``; ``tensors``: index, start, end, edge, w, empty, x_t, student, x_prev, target_jump, target.
     """
@@ -98,7 +101,8 @@ def pcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, solver: DDIMSolve
 
     # 3. Online student with grad, c_skip = 0 / c_out = 1: its DDIM jump from t_{n+k} to the lower edge of i's phase.
     eps = student_eps(net, cond, tb, x_t, d.start, strength, attnx_scale)
-    student, edge_t = solver.phase_jump(predicted_original_sample(eps, x_t, d.start, schedule), eps, d.index, edges)
+    student_x0 = predicted_original_sample(eps, x_t, d.start, schedule)
+    student, edge_t = solver.phase_jump(student_x0, eps, d.index, edges)
 
     with torch.no_grad():
         # 4. Teacher (adapters off), one DDIM step t_{n+k} → t_n. CFG-free: the cond branch alone; else guided in
@@ -118,10 +122,14 @@ def pcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, solver: DDIMSolve
                                            edges)
         target = pcm_target(x_prev, target_jump, d.index, edges)
 
-    # 6. Distance, as LCM.
+    # 6. Distance, as LCM (+ the text-aware term).
     loss = distance(student, target, tb, loss_type, huber_c, text_loss_weight)
-    return StepOutput(loss, {"w": float(d.w.mean()), "t": float(d.start.float().mean()),
-                             "empty_prompts": sum(empty) / len(empty)},
+    logs = {"w": float(d.w.mean()), "t": float(d.start.float().mean()), "empty_prompts": sum(empty) / len(empty)}
+    if x0_term is not None:
+        extra, extra_logs = x0_term(student_x0, pred_x0, pred_x0, d.start)
+        loss = loss + extra
+        logs.update(extra_logs)
+    return StepOutput(loss, logs,
                       {"index": d.index, "start": d.start, "end": d.end, "edge": edge_t, "w": d.w,
                        "empty": torch.tensor(empty), "x_t": x_t.detach(), "student": student.detach(),
                        "x_prev": x_prev, "target_jump": target_jump, "target": target})
@@ -147,7 +155,7 @@ class PCMMethod(LCMMethod):
         return pcm_step(net, model, tb, self.solver, self.schedule, self.edges, d.guidance_scale_range,
                         p.cfg_free_teacher, p.empty_prompt_fraction, p.empty_image_prompt, d.a_prompt, d.n_prompt,
                         self.writenet_lora, d.loss, d.huber_c, d.text_loss_weight, d.control_strength,
-                        d.attnx_scale)
+                        d.attnx_scale, self.x0_term(model, tb))
 
     def save_results(self, model: nn.Module, output_dir: Path) -> list[Path]:
         name = self.cfg.lora.adapter_name

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from ..checkpoint import save_converted
 from ..samplers.schedule import NoiseSchedule
 from .batch import Method, StepOutput, TrainBatch, draw_uniform_timesteps, randn_per_sample, text_weight_map
+from .ocr_loss import ocr_text_loss
+from .solver import predicted_original_sample
 
 PART_PREFIXES = {"writenet": ("control_model.",), "embedding_manager": ("embedding_manager.",),
                  "unet": ("model.diffusion_model.",)}
@@ -76,10 +78,11 @@ def training_prompts(tb: TrainBatch, empty_fraction: float = 0.0, a_prompt: str 
 
 def teacher_step(net: nn.Module, tb: TrainBatch, schedule: NoiseSchedule, strength: float = 1.0,
                  attnx_scale: float = 1.0, text_loss_weight: float = 0.0, empty_prompt_fraction: float = 0.0,
-                 a_prompt: str = "", a_prompt_fraction: float = 0.0) -> StepOutput:
+                 a_prompt: str = "", a_prompt_fraction: float = 0.0, x0_term=None) -> StepOutput:
     """AnyText2's ε-MSE masked by ``inv_mask`` for one micro-batch (each sample draws t, then ε, then its prompt
     choices (:func:`training_prompts`) from its generator), weighted 1 + ``text_loss_weight`` in the latent cells of
-    the text lines (:func:`~.batch.text_weight_map`).
+    the text lines (:func:`~.batch.text_weight_map`). ``x0_term(x̂0, x0, t) → (loss, logs)``: a term added on the
+    x̂0 the predicted ε implies (the OCR loss, ``distill.ocr_loss``).
 
     Returns:
         ``StepOutput`` with the loss and, in ``tensors``: t, noise, eps, mask (B, 1, h, w).
@@ -95,7 +98,12 @@ def teacher_step(net: nn.Module, tb: TrainBatch, schedule: NoiseSchedule, streng
     if weight is not None:
         keep = keep * weight
     loss = ((eps.float() - noise) ** 2 * keep).mean()
-    return StepOutput(loss, {"t": float(t.float().mean())},
+    logs = {"t": float(t.float().mean())}
+    if x0_term is not None:
+        extra, extra_logs = x0_term(predicted_original_sample(eps.float(), x_t, t, schedule), x0, t)
+        loss = loss + extra
+        logs.update(extra_logs)
+    return StepOutput(loss, logs,
                       {"t": t, "noise": noise, "eps": eps.detach(), "mask": keep})
 
 
@@ -140,9 +148,13 @@ class TeacherMethod(Method):
         return TeacherNet(model)
 
     def step(self, net: nn.Module, model: nn.Module, tb: TrainBatch) -> StepOutput:
-        d, tt = self.cfg.distill, self.cfg.teacher_training
+        d, tt, o = self.cfg.distill, self.cfg.teacher_training, self.cfg.ocr_loss
+        term = None
+        if o.active:
+            def term(x0_pred, x0, t):
+                return ocr_text_loss(model, x0_pred, x0, tb.text_info, tb.texts, tb.languages, t, o)
         return teacher_step(net, tb, self.schedule, d.control_strength, d.attnx_scale, tt.text_loss_weight,
-                            tt.empty_prompt_fraction, d.a_prompt, tt.a_prompt_fraction)
+                            tt.empty_prompt_fraction, d.a_prompt, tt.a_prompt_fraction, term)
 
     def save_results(self, model: nn.Module, output_dir: Path) -> list[Path]:
         return [save_converted(model, output_dir / "model", extra={"trained_by": "anytext2-lcm train-teacher"})]

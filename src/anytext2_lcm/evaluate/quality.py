@@ -24,10 +24,13 @@ from .runner import RunSpec
 
 @dataclass(frozen=True)
 class Student:
-    """A student in a quality run: its adapter label (``load_lora(..., adapter_name=label)``) and sampling."""
+    """A student in a quality run: its label in the table, its sampling, and the loaded adapter it runs
+    (``load_lora(..., adapter_name=...)``; None: the label). Two students may share an adapter with different
+    samplers (LCM sampled with LCM and with TCD)."""
 
     label: str
     sampling: Sampling
+    adapter: str | None = None
 
 
 def quality_runs(students: Sequence[Student], steps: Sequence[int], controls: bool = True,
@@ -38,7 +41,7 @@ def quality_runs(students: Sequence[Student], steps: Sequence[int], controls: bo
     for s in students:
         opts = tuple(sorted(s.sampling.options.items()))
         runs += [RunSpec(f"{s.label}@{k}", s.sampling.sampler, k, s.sampling.cfg, opts,
-                         lora=True, adapter=s.label) for k in steps]
+                         lora=True, adapter=s.adapter or s.label) for k in steps]
     if controls:
         runs += [RunSpec(f"ddim@{k}", "ddim", k, teacher.cfg) for k in steps]
         if students:
