@@ -41,6 +41,33 @@ def pick_device(name: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""CPU features with native bf16 arithmetic (oneDNN runs bf16 convolutions and matrix products on them)."""
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> tuple[str, ...]:
+    """The :data:`CPU_BF16_FLAGS` this CPU has: from ``torch.cpu.get_capabilities()`` (cpuinfo, any OS), else from the
+    ``flags`` lines of ``/proc/cpuinfo`` (Linux; ``cpuinfo`` replaces the file's text, for tests)."""
+    if cpuinfo is None:
+        caps = getattr(torch.cpu, "get_capabilities", None)
+        if caps is not None:
+            try:
+                found = caps()
+                return tuple(f for f in CPU_BF16_FLAGS if found.get(f))
+            except RuntimeError:
+                pass
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return ()
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return tuple(f for f in CPU_BF16_FLAGS if f in flags)
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """Weights/compute precision: "auto" (fp16 on a GPU, fp32 on a CPU), "fp32", "fp16" (fp32 on a CPU, where fp16
     is very slow or unsupported) or "bf16"."""

@@ -50,9 +50,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     s.add_argument("--strength", type=float, default=1.0, help="WriteNet control strength")
     s.add_argument("--attnx-scale", type=float, default=1.0)
-    s.add_argument("--separate-cfg", action="store_true",
-                   help="CFG's cond and uncond branches as two UNet passes (as the original) instead of one batch of "
-                        "two: less activation memory, usually slower")
     s.add_argument("--a-prompt", default=None, help="added prompt (default: the original demo's)")
     s.add_argument("--n-prompt", default=None, help="negative prompt (default: the original demo's)")
     s.add_argument("--seed", type=int, default=0)
@@ -61,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--width", type=int, default=None, help="default: the model's own size")
     p.add_argument("--out", required=True, help="output PNG (several images: OUT_0.png, OUT_1.png, ...)")
     p.add_argument("--save-glyphs", action="store_true", help="also write OUT.glyphs.png (rendered glyphs + positions)")
+    from ..evaluate.runtime import add_runtime_args
+
+    add_runtime_args(p)
     p.set_defaults(func=_generate)
 
 
@@ -91,7 +91,7 @@ def parse_colors(text: str | None) -> list | None:
 def _generate(args) -> int:
     from PIL import Image
 
-    from ..generation import GenerationRequest, Generator, InputError, load_positions
+    from ..generation import GenerationRequest, InputError, load_positions
     from ..defaults import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
     from ..samplers import sampler_options as known_options
     from .common import default_sampling, model_from_args, sampler_options
@@ -116,9 +116,14 @@ def _generate(args) -> int:
             n_prompt=DEFAULT_N_PROMPT if args.n_prompt is None else args.n_prompt, glyph_font=args.glyph_font)
     except InputError as e:
         raise UsageError(str(e)) from None
+    from ..evaluate.runtime import apply_runtime_options, resolve_runtime_args, runtime_from_args
+    from ..factory import pick_device
+
+    resolve_runtime_args(args, pick_device(args.device))
     model, device, dtype = model_from_args(args)
+    _, gen = apply_runtime_options(model, runtime_from_args(args), device)
     try:
-        res = Generator(model, batch_cfg=not args.separate_cfg)(req)
+        res = gen(req)
     except InputError as e:
         raise UsageError(str(e)) from None
     out = Path(args.out)
@@ -134,6 +139,6 @@ def _generate(args) -> int:
         log.warning(w)
     info = {"images": [str(p) for p in paths], "texts": res.texts, "sampler": sampler, "steps": steps,
             "cfg": cfg, "seed": args.seed, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-            "seconds": {k: round(v, 3) for k, v in res.seconds.items()}}
+            "decoder": args.tiny_decoder or "full", "seconds": {k: round(v, 3) for k, v in res.seconds.items()}}
     print(json.dumps(info, ensure_ascii=False))
     return 0

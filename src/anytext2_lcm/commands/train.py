@@ -1,4 +1,4 @@
-"""``anytext2-lcm distill`` and ``anytext2-lcm train-teacher``.
+"""``anytext2-lcm distill``, ``anytext2-lcm train-teacher`` and ``anytext2-lcm train-decoder``.
 
 Both read a YAML config (``configs/distill_tiny.yaml``, ``configs/distill_sd15.yaml``) with optional overrides::
 
@@ -6,6 +6,7 @@ Both read a YAML config (``configs/distill_tiny.yaml``, ``configs/distill_sd15.y
         --set optim.learning_rate=5e-5
     accelerate launch --multi_gpu --num_processes 8 -m anytext2_lcm.cli distill --config ... --resume latest
     anytext2-lcm train-teacher --config configs/teacher_tiny.yaml
+    anytext2-lcm train-decoder --config configs/decoder_sd15.yaml     # a light decoder for --tiny-decoder / --fast
 
 Exit status: 0 finished; 2 invalid config / flags / checkpoint (before anything is built where possible); 1 the run
 stopped on an error it reports (too many skipped samples, too many non-finite steps); 128 + signal after a
@@ -51,6 +52,21 @@ def register(subparsers) -> None:
                     "the next stage's model.teacher or as a distillation teacher.")
     _add_common(t)
     t.set_defaults(func=_train_teacher)
+    dec = subparsers.add_parser(
+        "train-decoder", formatter_class=fmt, help="distil the model's VAE decoder into a light decoder (--tiny-decoder)",
+        description="method: decoder. Distils the model's own VAE decoder into a small AutoencoderTiny-shaped decoder "
+                    "on AnyWord-format images, the error weighted inside the text lines; writes "
+                    "OUTPUT/light_decoder.safetensors (load it with --tiny-decoder FILE in generate, evaluate and "
+                    "bench, or --fast) and OUTPUT/light_decoder.json (parameters, decode seconds beside the full "
+                    "decoder, PSNR to it). Works for any model: the latent channels and factor come from its config.")
+    _add_common(dec)
+    dec.set_defaults(func=_train_decoder)
+
+
+def _train_decoder(args) -> int:
+    from ..distill.config import DECODER_METHOD
+
+    return run_command(args, DECODER_METHOD)
 
 
 def _train_teacher(args) -> int:
@@ -62,7 +78,7 @@ def _train_teacher(args) -> int:
 def build_config(args, method: str | tuple[str, ...] | None):
     """The validated config of a command line (no model is built)."""
     from ..config import ConfigError
-    from ..distill.config import TEACHER_METHODS, load_config
+    from ..distill.config import DECODER_METHOD, TEACHER_METHODS, load_config
 
     overrides = list(args.sets) + list(args.overrides)
     if args.resume is not None:
@@ -76,6 +92,8 @@ def build_config(args, method: str | tuple[str, ...] | None):
     cfg = load_config(args.config, overrides, method=method)
     if method is None and cfg.method in TEACHER_METHODS:
         raise ConfigError(f"method={cfg.method!r}: use `anytext2-lcm train-teacher` for the teacher's own objectives")
+    if method is None and cfg.method == DECODER_METHOD:
+        raise ConfigError(f"method={cfg.method!r}: use `anytext2-lcm train-decoder` for the light decoder")
     return cfg
 
 

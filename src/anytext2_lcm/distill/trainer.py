@@ -1,7 +1,7 @@
 """The training loop on Accelerate: one process, many GPUs or many nodes (``accelerate launch``), CPU included.
 
 :func:`train` runs a :class:`~.config.TrainConfig` to the end (or to a preemption) and returns a :class:`RunResult`.
-The method (``lcm``, ``pcm``, ``teacher``, ``vae``, ``ocr``) supplies what trains and the loss of a micro-step; this file does the rest:
+The method (``lcm``, ``pcm``, ``teacher``, ``vae``, ``ocr``, ``decoder``) supplies what trains and the loss of a micro-step; this file does the rest:
 
 * **Data**: the AnyWord reader with an epoch-seeded order sharded by rank (``data.collate.EpochSampler``); the
   position inside the epoch, the epoch and the skip counters are checkpointed per rank. Per-sample randomness comes
@@ -51,6 +51,7 @@ from .components import (StopSignals, build_teacher, enable_gradient_checkpointi
                          make_optimizer, teacher_fingerprint, trainable_state)
 from .config import TrainConfig, dump_yaml
 from .data import build_loader
+from .decoder import DecoderMethod
 from .elastic import BATCH_KEYS, load_init_adapter, load_moved, resume_accumulation, structure_diff
 from .lcm import LCMMethod
 from .pcm import PCMMethod
@@ -61,7 +62,7 @@ from .teacher import TeacherMethod
 log = logging.getLogger(__name__)
 
 METHODS: dict[str, type[Method]] = {"lcm": LCMMethod, "pcm": PCMMethod, "teacher": TeacherMethod, "vae": VAEMethod,
-                                    "ocr": OCRMethod}
+                                    "ocr": OCRMethod, "decoder": DecoderMethod}
 """Method name → implementation."""
 EXIT_PREEMPTED = 143
 

@@ -586,13 +586,53 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated runs to time for the variants, e.g. teacher@20,teacher@50,student@2,student@4 "
                         "(default: all)")
     p.add_argument("--json", default=None, help="also write the results here")
+    g = p.add_argument_group("the speed goal (--goal)")
+    g.add_argument("--goal", action="store_true",
+                   help="time the student (--student-steps, default 1,2,4) plain and with each of --options against "
+                        "the 20-step teacher run as the original runs it (fp32, CFG as two passes, full decoder), "
+                        "interleaved, at each of --sizes; check the goal (4 steps: >= 16x at 256 px, >= 12x at 512)")
+    g.add_argument("--sizes", type=_int_list, default=(256, 512), help="--goal: image sides")
+    g.add_argument("--options", default="tiny_decoder;bf16;channels_last;fast",
+                   help="--goal: ';'-separated student settings, each '+'-joined variant tokens; 'fast' = what "
+                        "--fast selects on this device")
+    g.add_argument("--like-for-like", default="fast",
+                   help="--goal: ';'-separated options whose teacher is timed with the same settings too ('base': "
+                        "the plain teacher)")
     add_runtime_args(p)
 
 
-def bench_from_args(args) -> int:
-    import json
+def _goal_from_args(args) -> int:
+    from .goal import GoalConfig, format_goal, run_goal
 
-    from .runtime import runtime_from_args
+    split = lambda text: tuple(v.strip() for v in text.split(";") if v.strip())  # noqa: E731
+    students = args.student_steps if args.student_steps != (1, 2, 4, 8) else (1, 2, 4)
+    cfg = GoalConfig(model=args.model, sizes=args.sizes, device=args.device, options=split(args.options),
+                     like_for_like=split(args.like_for_like), student_steps=students,
+                     teacher_steps=args.teacher_steps[0], teacher_cfg=args.teacher_cfg,
+                     student_sampler=args.student_sampler, repeats=args.repeats,
+                     tiny_decoder=args.tiny_decoder or "random")
+    doc = run_goal(cfg, log_fn=lambda s: print(s, flush=True))
+    print()
+    print(format_goal(doc))
+    if args.json:
+        _write_json(args.json, doc)
+    return 0
+
+
+def _write_json(path: str, doc: dict) -> None:
+    from ..atomic import write_json
+    from .report import _strict
+
+    write_json(path, _strict(doc), indent=1)
+
+
+def bench_from_args(args) -> int:
+    from ..factory import pick_device
+    from .runtime import resolve_runtime_args, runtime_from_args
+
+    if args.goal:
+        return _goal_from_args(args)
+    resolve_runtime_args(args, pick_device(args.device), fallback_decoder="random")
 
     cfg = BenchConfig(model=args.model, size=args.size, device=args.device, dtype=args.dtype,
                       teacher_steps=args.teacher_steps, student_steps=args.student_steps,
@@ -605,10 +645,7 @@ def bench_from_args(args) -> int:
     print()
     print(format_report(doc))
     if args.json:
-        from .report import _strict
-
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(_strict(doc), f, indent=1)
+        _write_json(args.json, doc)
     return 0
 
 

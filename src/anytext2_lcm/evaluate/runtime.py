@@ -16,8 +16,9 @@ writenet_dtype    changes (bf16/fp16)      only the WriteNet (run once per image
                                            same way; its residuals are cast back before the UNet uses them
 tiny_decoder      different network        decode with diffusers' ``AutoencoderTiny`` (the TAESD design,
                                            1.2 M decoder parameters) instead of the SD VAE decoder; needs
-                                           trained TAESD weights (a local folder) for real images, "random"
-                                           is for timing only
+                                           a light decoder trained for the model (``anytext2-lcm
+                                           train-decoder``, :mod:`~anytext2_lcm.light_decoder`) or TAESD
+                                           weights (a local folder); "random" is for timing only
 compile           same math (rounding)     ``nn.Module.compile()`` (TorchInductor) on the UNet, the WriteNet
                                            and the VAE decoder, in place (state-dict keys unchanged)
 offload           none                     GPU memory: only the component in use (OCR, CLIP, WriteNet, UNet,
@@ -110,9 +111,91 @@ class RuntimeOptions:
         return "+".join(parts) or "none"
 
 
+FAST_CHANNELS_LAST = False
+"""Whether ``--fast`` also converts to channels-last. Measured on a 2-core AVX512-BF16 CPU (sd15 architecture,
+256 px, one thread): a UNet pass 1.33x slower in fp32 and within 6 % (noise) in bf16, so it stays off."""
+
+
+def fast_dtype(device: torch.device) -> str:
+    """The model precision of ``--fast``: fp16 on a GPU, bf16 on a CPU with native bf16 arithmetic
+    (:func:`anytext2_lcm.factory.cpu_bf16_flags`), else fp32."""
+    from ..factory import cpu_bf16_flags
+
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if device.type == "cpu" and cpu_bf16_flags() else "fp32"
+
+
+def fast_tokens(device: torch.device) -> tuple[str, ...]:
+    """``--fast`` on ``device`` as ``bench`` variant tokens (its precision when not fp32, the light decoder, and
+    channels-last when :data:`FAST_CHANNELS_LAST`)."""
+    dt = fast_dtype(device)
+    return ((dt,) if dt != "fp32" else ()) + ("tiny_decoder",) + (("channels_last",) if FAST_CHANNELS_LAST else ())
+
+
+def light_decoder_beside(model_spec: str | None):
+    """``light_decoder.safetensors`` inside the model's folder (a shipped model or a converted folder), or None."""
+    from pathlib import Path
+
+    from ..factory import resolve_path
+    from ..light_decoder import FILE_NAME
+
+    try:
+        folder = resolve_path(model_spec) if model_spec else None
+    except Exception:  # a shipped model whose weights are missing: the model build reports it
+        return None
+    if folder is None or not Path(folder).is_dir():
+        return None
+    path = Path(folder) / FILE_NAME
+    return str(path) if path.is_file() else None
+
+
+def resolve_runtime_args(args, device: torch.device, fallback_decoder: str | None = None) -> None:
+    """Before any model is built: apply ``--fast`` and check ``--tiny-decoder``.
+
+    ``--fast`` sets ``args.dtype`` (when "auto") to :func:`fast_dtype` and ``args.tiny_decoder`` (when not given) to
+    the model's own light decoder (:func:`light_decoder_beside`), else ``fallback_decoder``; without either the full
+    decoder stays, with a warning. A ``--tiny-decoder`` file must exist and be a light-decoder / ``AutoencoderTiny``
+    safetensors file (its fit to the model is checked when it is loaded).
+
+    Raises:
+        FileNotFoundError, LightDecoderError: a one-line error for the command line (exit 2).
+    """
+    _apply_fast(args, device, fallback_decoder)
+    spec = getattr(args, "tiny_decoder", None)
+    if spec not in (None, "random"):
+        from pathlib import Path
+
+        from ..light_decoder import read_light_decoder
+
+        if not Path(spec).exists():
+            raise FileNotFoundError(f"--tiny-decoder {spec}: no such file or folder (a file from `anytext2-lcm "
+                                    f"train-decoder`, a diffusers AutoencoderTiny folder, or 'random')")
+        if Path(spec).is_file():
+            read_light_decoder(spec)
+
+
+def _apply_fast(args, device: torch.device, fallback_decoder: str | None) -> None:
+    if not getattr(args, "fast", False):
+        return
+    if args.dtype == "auto":
+        args.dtype = fast_dtype(device)
+    if FAST_CHANNELS_LAST:
+        args.channels_last = True
+    if args.tiny_decoder is None:
+        args.tiny_decoder = light_decoder_beside(getattr(args, "model", None)) or fallback_decoder
+        if args.tiny_decoder is None:
+            log.warning("--fast: no light decoder for this model (pass --tiny-decoder FILE, or put the file that "
+                        "`anytext2-lcm train-decoder` writes into the model's folder); decoding with the full VAE")
+
+
 def add_runtime_args(p) -> None:
-    """The :class:`RuntimeOptions` flags (used by ``evaluate`` and ``bench``)."""
+    """The :class:`RuntimeOptions` flags (used by ``generate``, ``evaluate`` and ``bench``)."""
     g = p.add_argument_group("speed and memory (opt-in)")
+    g.add_argument("--fast", action="store_true",
+                   help="the measured fast settings: bf16 on a CPU with native bf16 (fp16 on a GPU) unless --dtype "
+                        "says otherwise, and the model's light decoder (--tiny-decoder, or light_decoder.safetensors "
+                        "in the model's folder)")
     g.add_argument("--channels-last", action="store_true", help="convolution weights in NHWC memory format")
     g.add_argument("--vae-dtype", choices=sorted(DTYPES), default=None,
                    help="run only the VAE in this precision (changes outputs slightly; e.g. bf16 on AMX CPUs)")
@@ -165,38 +248,36 @@ def run_in_dtype(module: nn.Module, dtype: torch.dtype, out_dtype: torch.dtype) 
     return [module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post)]
 
 
-def build_tiny_decoder(spec: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """An ``AutoencoderTiny`` decoder: ``spec`` = a local diffusers folder (``from_pretrained``, offline) or a
-    safetensors file of its state dict, or 'random' (seeded untrained weights, for timing).
+def build_tiny_decoder(spec: str, device: torch.device, dtype: torch.dtype, model_cfg=None) -> nn.Module:
+    """An ``AutoencoderTiny`` decoder: ``spec`` = a light-decoder file (``anytext2-lcm train-decoder``; any safetensors
+    file of an ``AutoencoderTiny`` state dict), a local diffusers folder (``from_pretrained``, offline), or 'random'
+    (seeded untrained weights of the light decoder sized for ``model_cfg``, for timing).
 
-    The TAESD decoder reads the *scaled* diffusion latent (x_0 as the sampler returns it, scaling factor 1) and
-    returns an image in [-1, 1].
+    It reads the *scaled* diffusion latent (x_0 as the sampler returns it) and returns an image in [-1, 1]. A file
+    made for another latent space (channels, latent factor) is refused (:class:`~anytext2_lcm.light_decoder.
+    LightDecoderError`) when ``model_cfg`` is given.
     """
     from pathlib import Path
 
     from diffusers import AutoencoderTiny
 
+    from ..light_decoder import build_light_decoder, light_decoder_config, load_light_decoder, moved
+
     if spec == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            tiny = AutoencoderTiny()
+            tiny = build_light_decoder(light_decoder_config(model_cfg) if model_cfg is not None else {})
     else:
         p = Path(spec)
         if p.is_dir():
             tiny = AutoencoderTiny.from_pretrained(str(p), local_files_only=True)
         elif p.is_file():
-            from safetensors.torch import load_file
-
-            tiny = AutoencoderTiny()
-            missing, unexpected = tiny.load_state_dict(load_file(str(p)), strict=False)
-            if any(k.startswith("decoder.") for k in missing) or unexpected:
-                raise ValueError(f"{p}: not an AutoencoderTiny state dict (missing {missing[:3]}, unexpected "
-                                 f"{unexpected[:3]})")
+            tiny = load_light_decoder(p, model_cfg)
         else:
-            raise FileNotFoundError(f"tiny decoder {p} does not exist (a diffusers AutoencoderTiny folder, a "
-                                    "safetensors file, or 'random')")
+            raise FileNotFoundError(f"tiny decoder {p} does not exist (a light-decoder file from train-decoder, a "
+                                    "diffusers AutoencoderTiny folder, or 'random')")
     tiny.encoder = None  # only the decoder is used; frees its memory
-    return tiny.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return moved(tiny, device, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,7 +307,8 @@ class ModelView:
 
     Args:
         model: the ``AnyText2`` (its weights stay where they are unless ``offload_device`` is set).
-        decoder: replaces ``decode``: scaled latent (B, 4, h, w) → image (B, 3, 8h, 8w) in [-1, 1].
+        decoder: replaces ``decode``: scaled latent (B, C, h, w) → image (B, 3, f·h, f·w) in [-1, 1] (f: the
+            model's latent factor).
         offload_device: when set, components live on the CPU and each is moved to this device only while it runs.
     """
 
@@ -360,7 +442,7 @@ def apply_runtime_options(model: nn.Module, opts: RuntimeOptions, device: torch.
     decoder = None
     if opts.tiny_decoder is not None:
         ddt = DTYPES[opts.vae_dtype] if opts.vae_dtype else dtype
-        decoder = build_tiny_decoder(opts.tiny_decoder, device, ddt)
+        decoder = build_tiny_decoder(opts.tiny_decoder, device, ddt, model.cfg)
         if opts.channels_last:
             decoder.to(memory_format=torch.channels_last)
     if opts.compile:
