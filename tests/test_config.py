@@ -22,7 +22,7 @@ def test_fixture_yaml_with_tiny_overrides_reads_as_the_tiny_preset(tiny_fixture_
 def test_dict_round_trip_and_unknown_fields():
     cfg = tiny()
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ConfigError, match="unet: unknown field"):
+    with pytest.raises(ConfigError, match="unet.model_chanels: unknown field"):
         ModelConfig.from_dict({"unet": {"model_chanels": 32}})
     with pytest.raises(ConfigError, match="model preset 'sd21' is unknown"):
         preset("sd21")

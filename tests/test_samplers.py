@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from anytext2_lcm.samplers import (DDIMSampler, LCMSampler, NoiseSchedule, PCMSampler, StepResult, TCDSampler,
-                                   make_sampler, sample_loop, sampler_options)
+                                   make_sampler, sampler_options)
 from conftest import assert_close_ref
 
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # a core dependency: an import error must fail the tests, not skip them
 
 SHAPE = (2, 4, 8, 8)
 # Schedules differ in float rounding only: ours is float64→float32 (ldm), diffusers' float32 linspace.
@@ -343,6 +343,8 @@ def test_interface_uniform(name):
     r2 = s.step(torch.zeros(SHAPE), torch.tensor(ts[0]), torch.tensor(ts[1]), x,
                 generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(r.prev_sample, r2.prev_sample)
-    # the loop helper runs the list and returns the last prev_sample
-    out = sample_loop(s, lambda x, t: torch.zeros_like(x), x, 4, generator=torch.Generator().manual_seed(0))
-    assert out.shape == SHAPE and torch.isfinite(out).all()
+    # the one sampling loop (pipeline.sample) runs the list and returns the last prev_sample
+    from anytext2_lcm.pipeline import sample
+
+    res = sample(lambda x, t: torch.zeros_like(x), s, 4, x, generator=torch.Generator().manual_seed(0))
+    assert res.latents.shape == SHAPE and torch.isfinite(res.latents).all() and res.timesteps == list(ts)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,9 +24,26 @@ class ConfigError(ValueError):
     """An invalid configuration value. The message names the field and the rule."""
 
 
+MAX_SEED = 2**63 - 1
+"""Every seed (generation, evaluation, training, data) is an integer in 0..MAX_SEED. Torch generators take up to
+2**64 - 1; the margin leaves room for the offsets added to a seed (per rank, per evaluated sample)."""
+
+
+def is_seed(v: Any) -> bool:
+    """An int (not a bool) in 0..:data:`MAX_SEED`."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEED
+
+
 def _check(cond: bool, name: str, value: Any, rule: str) -> None:
     if not cond:
         raise ConfigError(f"{name}={value!r}: {rule}")
+
+
+def _check_finite(section: Any, name: str) -> None:
+    """Every float field of a config section is finite (NaN / Inf pass many ``>`` / ``<`` rules unnoticed)."""
+    for f in dataclasses.fields(section):
+        v = getattr(section, f.name)
+        _check(not isinstance(v, float) or math.isfinite(v), f"{name}.{f.name}", v, "must be finite")
 
 
 def _tuple(v: Any) -> tuple:
@@ -178,6 +196,7 @@ class VAEConfig:
     normalised on its own, which removes each image's per-channel mean, i.e. its overall colour."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "vae")
         self.ch_mult = _tuple(self.ch_mult)
         self.attn_resolutions = _tuple(self.attn_resolutions) if self.attn_resolutions else ()
         _check(self.norm_groups >= 1, "vae.norm_groups", self.norm_groups, "must be >= 1")
@@ -221,6 +240,7 @@ class CLIPConfig:
     """The placeholder string whose single token marks a text line."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "clip")
         _check(self.max_position_embeddings >= 3, "clip.max_position_embeddings", self.max_position_embeddings,
                "must be >= 3")
         _check(self.hidden_size % self.num_attention_heads == 0, "clip.num_attention_heads",
@@ -254,6 +274,7 @@ class OCRConfig:
     """Crops per recogniser batch (the original's rec_batch_num)."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "ocr")
         self.last_conv_stride = _tuple(self.last_conv_stride)
         self.image_shape = _tuple(self.image_shape)
         _check(self.last_pool_type in ("avg", "max"), "ocr.last_pool_type", self.last_pool_type,
@@ -301,6 +322,7 @@ class DiffusionConfig:
     """What the UNet predicts. Only 'eps' (AnyText2) is supported."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "diffusion")
         _check(0 < self.linear_start < self.linear_end < 1, "diffusion.linear_start", self.linear_start,
                "need 0 < linear_start < linear_end < 1")
         _check(self.timesteps >= 2, "diffusion.timesteps", self.timesteps, "must be >= 2")
@@ -375,7 +397,7 @@ class ModelConfig:
         kwargs: dict[str, Any] = {}
         for k, v in d.items():
             if k in subs:
-                kwargs[k] = _build(subs[k], v, k)
+                kwargs[k] = build_dataclass(subs[k], v, k)
             elif k in ("name", "image_size"):
                 kwargs[k] = v
             else:
@@ -383,12 +405,47 @@ class ModelConfig:
         return cls(**kwargs)
 
 
-def _build(cls: type, values: dict, prefix: str) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
+def _wants_float(hint: Any) -> bool:
+    return hint is float or any(a is float for a in typing.get_args(hint))
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    """YAML reads ``1e-4`` (no dot) as a string; a float field takes it as the number it means."""
+    if isinstance(value, str) and _wants_float(hint):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, list) and typing.get_origin(hint) is tuple and _wants_float(hint):
+        return [_coerce(float, v) for v in value]
+    return value
+
+
+def build_dataclass(cls: type, values: Any, prefix: str) -> Any:
+    """Instantiate the config dataclass ``cls`` from a mapping (a parsed YAML section), recursing into
+    dataclass-typed fields; float fields take YAML's ``1e-4`` strings. The one builder of every config tree (model,
+    training, recipes). Raises :class:`ConfigError` naming ``prefix.field`` for an unknown field or a bad value."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of fields, got {type(values).__name__} {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"{prefix}: unknown field(s) {sorted(unknown)} (known: {sorted(names)})")
-    return cls(**values)
+        raise ConfigError(f"{prefix}.{unknown[0]}: unknown field (known in {prefix or 'the top level'}: "
+                          f"{', '.join(sorted(names))})".lstrip("."))
+    kwargs = {}
+    for k, v in values.items():
+        t = hints.get(k)
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
+            kwargs[k] = build_dataclass(t, v, f"{prefix}.{k}".lstrip("."))
+        else:
+            kwargs[k] = _coerce(t, v)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # e.g. a required field missing
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -544,8 +601,10 @@ def from_original_yaml(path: str | Path) -> ModelConfig:
                                 linear_end=float(p.get("linear_end", 0.012)), timesteps=int(p.get("timesteps", 1000)),
                                 scale_factor=float(p.get("scale_factor", 0.18215)),
                                 parameterization=str(p.get("parameterization", "eps")))
+    # model.params.image_size is the latent side (SD: 64 → 512 px images)
+    image_size = int(p.get("image_size", 64)) * vae.downsample_factor
     return ModelConfig(name=path.stem, unet=unet, writenet=writenet, vae=vae, clip=clip, ocr=OCRConfig(**ocr_kwargs),
-                       font_ocr=OCRConfig(**ocr_kwargs), embedding=embedding, diffusion=diffusion)
+                       font_ocr=OCRConfig(**ocr_kwargs), embedding=embedding, diffusion=diffusion, image_size=image_size)
 
 
 def check_image_size(height: int, width: int, multiple: int = 64, what: str = "size") -> None:
@@ -555,5 +614,3 @@ def check_image_size(height: int, width: int, multiple: int = 64, what: str = "s
             raise ConfigError(f"{what}.{name}={v!r}: must be a positive multiple of {multiple}")
 
 
-def nearest_multiple(v: float, multiple: int) -> int:
-    return max(multiple, int(math.floor(v / multiple)) * multiple)

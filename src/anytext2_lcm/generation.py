@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,14 +42,15 @@ import numpy as np
 import torch
 
 from .conditioning import UNSPECIFIED_COLOR, TextInfo
-from .config import ConfigError
+from .config import MAX_SEED, ConfigError
 from .data.fonts import FontNotFoundError, FontSpec, as_font_spec, find_default_font
 from .data.glyphs import (DegeneratePolygonError, polygon_mask, positions_from_mask, render_font_hint,
                           render_in_polygon, render_line)
+from .data.hints import debug_images, hollow_font_hint, mimic_font_crop, revise_position
 from .data.prompts import build_text_caption, parse_prompt_lines
 from .models.anytext2 import AnyText2
 from .defaults import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, TEACHER
-from .pipeline import GuidedDenoiser, encode_branches, image_prompt, sample
+from .pipeline import GuidedDenoiser, branch_prompts, encode_branches, require_finite, sample
 from .samplers import make_sampler
 from .samplers.schedule import NoiseSchedule
 
@@ -58,6 +60,12 @@ SIZE_MULTIPLE = 64
 """Edit images are resized to multiples of this (the original's rule); a model needs sides that are multiples of
 its ``cfg.size_multiple`` (sd15 64, tiny 32, testbed 16)."""
 MAX_EDIT_SIDE = 1024
+MAX_SIDE = 2048
+"""Default upper bound of a generated image's side (``GenerationRequest.max_side``, ``generate --max-size``)."""
+MAX_IMAGES = 64
+"""Most images of one request (one batch)."""
+MAX_INPUT_PIXELS = 8192 * 8192
+"""Largest edit image / mask read (pixels), checked from the file header before decoding."""
 
 
 class InputError(ValueError):
@@ -118,24 +126,46 @@ class GenerationRequest:
     """Lines are cut to this many characters (the original's max_chars)."""
     glyph_font: str | None = None
     """Font for glyphs and line images (default: a CJK-capable system font)."""
+    max_side: int = MAX_SIDE
+    """Largest height / width accepted (a memory guard: raise it for large images on a large GPU)."""
+    mimic_fonts: list | None = None
+    """Per line: None, or (image, mask) whose brushed region holds the text whose font the line mimics (arrays or
+    paths; the original demo's "Mimic From Image", :func:`~anytext2_lcm.data.hints.mimic_font_crop`). A line takes
+    a font file (``fonts``) or a mimic, not both."""
+    revise_position: bool = False
+    """Replace each line's position by the minimum-area rectangle of its rendered glyphs (the original's revise_pos;
+    ignored in editing mode, as there)."""
+    hollow_font: bool = False
+    """Hollow font hints (the original demo's default; :func:`~anytext2_lcm.data.hints.hollow_font_hint`)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
             raise InputError("prompt: must be a string")
+        _check_int(self.max_side, "max_side", 1, 1 << 20)
         for name in ("height", "width"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-                raise InputError(f"{name}={v!r}: must be a positive integer (or None: the model's size)")
-        if self.num_images < 1:
-            raise InputError(f"num_images={self.num_images}: must be >= 1")
-        if self.steps < 1:
-            raise InputError(f"steps={self.steps}: must be >= 1")
-        if self.cfg_scale <= 0:
-            raise InputError(f"cfg_scale={self.cfg_scale}: must be > 0")
+            if v is not None:
+                _check_int(v, name, 1, self.max_side, " (max_side; None: the model's size)")
+        _check_int(self.num_images, "num_images", 1, MAX_IMAGES)
+        _check_int(self.steps, "steps", 1, 1000)
+        _check_int(self.seed, "seed", 0, MAX_SEED)
+        for name in ("cfg_scale", "strength", "attnx_scale", "eta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InputError(f"{name}={v!r}: must be a finite number")
+        if not 0 < self.cfg_scale <= 100:
+            raise InputError(f"cfg_scale={self.cfg_scale}: must lie in (0, 100]")
         if self.positions is not None and self.mask is not None:
             raise InputError("give positions or mask, not both")
         if self.sort not in ("vertical", "horizontal"):
             raise InputError(f"sort={self.sort!r}: must be 'vertical' or 'horizontal'")
+        if self.mimic_fonts is not None and not isinstance(self.mimic_fonts, (list, tuple)):
+            raise InputError("mimic_fonts: a list with one (image, mask) pair or None per line")
+
+
+def _check_int(v, name: str, lo: int, hi: int, note: str = "") -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise InputError(f"{name}={v!r}: must be an integer in {lo}..{hi}{note}")
 
 
 @dataclass
@@ -160,6 +190,9 @@ class GenerationResult:
     seconds: dict[str, float]
     warnings: list[str]
     prompts: dict[str, str]
+    debug_images: dict[str, np.ndarray] = field(default_factory=dict)
+    """The glyph, position and font-hint images of the request, (H, W, 3) uint8 each
+    (:func:`~anytext2_lcm.data.hints.debug_images`)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,7 +225,7 @@ def load_positions(path: str | Path) -> list[np.ndarray]:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
         raise InputError(f"{path}: not a readable JSON file ({e})") from None
     if isinstance(doc, dict):
         doc = doc.get("positions", doc.get("polygons", doc.get("boxes")))
@@ -211,9 +244,14 @@ def read_image(img, name: str = "image") -> np.ndarray:
             raise FileNotFoundError(f"{name} {p} does not exist")
         try:
             with Image.open(p) as im:
+                if im.width * im.height > MAX_INPUT_PIXELS:  # from the header: nothing decoded yet
+                    raise InputError(f"{name} {p}: {im.width} x {im.height} px is more than the "
+                                     f"{MAX_INPUT_PIXELS:,} pixels read")
                 return np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as e:
-            raise InputError(f"{name} {p}: unreadable image ({e})") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            if isinstance(e, InputError):
+                raise
+            raise InputError(f"{name} {p}: unreadable image ({type(e).__name__}: {e})") from None
     a = np.asarray(img)
     if a.ndim == 2:
         a = np.repeat(a[..., None], 3, axis=2)
@@ -222,6 +260,19 @@ def read_image(img, name: str = "image") -> np.ndarray:
     if a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
     return np.ascontiguousarray(a[..., :3]).astype(np.uint8)
+
+
+def usable_font(font, what: str = "font") -> FontSpec:
+    """A font that opens: ``font`` (path, ``path#index``, FontSpec) or, for None, the default CJK-capable font.
+    A missing file or one that is not a font (or has no face ``#index``) is an InputError naming ``what``."""
+    try:
+        spec = as_font_spec(font) if font is not None else find_default_font(None)
+        spec.load(16)
+    except FontNotFoundError as e:
+        raise InputError(f"{what}: {e}") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError(f"{what} {font}: not a usable font file ({type(e).__name__}: {e})") from None
+    return spec
 
 
 def resize_for_edit(img: np.ndarray, max_side: int = MAX_EDIT_SIDE) -> np.ndarray:
@@ -255,6 +306,9 @@ class PreparedInputs:
     warnings: list[str]
     height: int
     width: int
+    style_crops: dict = field(default_factory=dict)
+    """Line index → font-OCR input of a mimicked font (replaces that line's font-hint crop)."""
+    debug_images: dict = field(default_factory=dict)
 
 
 class Generator:
@@ -282,10 +336,7 @@ class Generator:
         return next(self.model.unet.parameters()).dtype
 
     def _font(self, req: GenerationRequest) -> FontSpec:
-        try:
-            return find_default_font(req.glyph_font or self._glyph_font)
-        except FontNotFoundError as e:
-            raise InputError(str(e)) from None
+        return usable_font(req.glyph_font or self._glyph_font, "glyph font")
 
     # ---- step 1: rendering -------------------------------------------------------------------------------------
 
@@ -347,6 +398,7 @@ class Generator:
         glyph_font = self._font(req)
         fonts = list(req.fonts or [])
         colors = list(req.colors or [])
+        style_crops = mimic_crops(req, n, warnings)
         if len(fonts) > n or len(colors) > n:
             warnings.append("more fonts/colours than lines: the extras are ignored")
         scale = self.model.cfg.writenet.glyph_scale
@@ -377,16 +429,19 @@ class Generator:
             except DegeneratePolygonError as e:
                 raise InputError(f"positions[{i}]: {e}") from None
             positions[i] = masks[i]
-            if i < len(fonts) and fonts[i]:
-                try:
-                    spec = as_font_spec(fonts[i])
-                except FontNotFoundError as e:
-                    raise InputError(f"fonts[{i}]: {e}") from None
+            if req.revise_position and edit is None:
+                _revise(i, glyphs[i], positions, polygons, used_polys, warnings)
+            if i < len(fonts) and fonts[i] and i not in style_crops:
+                spec = usable_font(fonts[i], f"fonts[{i}]")
                 if spec.missing_chars(text):
                     raise InputError(f"fonts[{i}] {spec.name} has no glyph for {''.join(spec.missing_chars(text))!r} "
                                      f"of line {text!r}")
                 font_hint += render_font_hint(text, poly, spec, H, W)
         font_hint = np.clip(font_hint, 0, 1)
+        if req.hollow_font:
+            font_hint = hollow_font_hint(font_hint)
+        if req.revise_position and edit is not None:
+            warnings.append("revise_position is off in editing mode (as in the original)")
         hint = np.clip(positions.sum(0), 0, 1)
         if edit is None:
             masked = np.full((H, W, 3), -1.0, np.float32)
@@ -406,7 +461,8 @@ class Generator:
         )
         preview = _glyph_preview(glyphs[:, ::scale, ::scale] if scale > 1 else glyphs, polygons[:n])
         return PreparedInputs(ti, img_prompt, text_prompt, texts, used_polys, t(masked).permute(2, 0, 1)[None],
-                              preview, warnings, H, W)
+                              preview, warnings, H, W, style_crops,
+                              debug_images(preview, positions, font_hint, style_crops))
 
     # ---- step 2: sampling ----------------------------------------------------------------------------------------
 
@@ -435,19 +491,12 @@ class Generator:
         B = req.num_images
         ti = prep.text_info.to(dev, dt).with_masked_x(masked_x.expand(B, -1, -1, -1).contiguous())
         guided = req.cfg_scale != 1.0
-        branches = encode_branches(self.model, ti, [image_prompt(prep.img_prompt, req.a_prompt)] * B, [prep.text_prompt] * B,
-                                   [req.n_prompt] * B if guided else None, [""] * B if guided else None)
+        lines = self.model.line_embeddings(ti, style_crops=prep.style_crops) if prep.style_crops else None
+        p = branch_prompts([prep.img_prompt] * B, [prep.text_prompt] * B, req.a_prompt, req.n_prompt, guided)
+        branches = encode_branches(self.model, ti, p.img, p.text, p.neg_img, p.neg_text, lines=lines)
         denoiser = GuidedDenoiser(self.model, branches, req.cfg_scale, req.strength, req.attnx_scale, self.batch_cfg)
         t2 = time.perf_counter()
-        schedule = NoiseSchedule(self.model.alphas_cumprod.float().cpu())
-        opts = dict(req.sampler_options)
-        if req.sampler == "ddim":
-            opts.setdefault("eta", req.eta)
-        try:
-            sampler = make_sampler(req.sampler, schedule, **opts)
-            sampler.timesteps(req.steps)  # a step count the sampler refuses (PCM phases) is an input error
-        except ValueError as e:
-            raise InputError(str(e)) from None
+        sampler = request_sampler(req, NoiseSchedule(self.model.alphas_cumprod.float().cpu()))
         f = self.model.cfg.latent_factor
         h, w = prep.height // f, prep.width // f
         if x_T is None:
@@ -456,6 +505,7 @@ class Generator:
                      callback=callback)
         t3 = time.perf_counter()
         x = self.model.decode(res.latents)
+        require_finite(x, "the decoded image")
         imgs = (x.float().permute(0, 2, 3, 1) * 127.5 + 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
         t4 = time.perf_counter()
         return GenerationResult(
@@ -463,9 +513,40 @@ class Generator:
             glyph_preview=prep.glyph_preview,
             seconds={"prepare": t1 - t0, "conditioning": t2 - t1, "denoise": t3 - t2, "decode": t4 - t3,
                      "total": t4 - t0},
-            warnings=prep.warnings,
-            prompts={"image": image_prompt(prep.img_prompt, req.a_prompt), "text": prep.text_prompt,
+            warnings=prep.warnings, debug_images=prep.debug_images,
+            prompts={"image": p.img[0], "text": prep.text_prompt,
                      "negative": req.n_prompt if guided else ""})
+
+
+def request_sampler(req: GenerationRequest, schedule: NoiseSchedule):
+    """The sampler of ``req`` on ``schedule``; options or a step count it refuses (PCM phases) are an InputError."""
+    opts = dict(req.sampler_options)
+    if req.sampler == "ddim":
+        opts.setdefault("eta", req.eta)
+    try:
+        sampler = make_sampler(req.sampler, schedule, **opts)
+        sampler.timesteps(req.steps)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"sampler {req.sampler}: {e}") from None
+    return sampler
+
+
+class _ConfigOnly:
+    """Stands in for a model where only its configuration is read (:func:`check_request`)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def eval(self) -> "_ConfigOnly":
+        return self
+
+
+def check_request(req: GenerationRequest, cfg, glyph_font: str | None = None) -> None:
+    """Every check of ``req`` that needs no weights, for a model of configuration ``cfg``, before the model is
+    loaded: sizes, positions, the mask and edit image, fonts, colours and the sampler settings. Raises InputError as
+    :class:`Generator` would (it runs the same rendering step)."""
+    Generator(_ConfigOnly(cfg), glyph_font).prepare(req)
+    request_sampler(req, NoiseSchedule.from_config(cfg.diffusion))
 
 
 class _DeviceSampler:
@@ -483,6 +564,64 @@ class _DeviceSampler:
             return self.sampler.step(eps, t, t_next, x, generator=self.generator)
         out = self.sampler.step(eps.cpu().float(), t, t_next, x.cpu().float(), generator=self.generator)
         return type(out)(out.prev_sample.to(x.device, x.dtype), out.denoised.to(x.device, x.dtype))
+
+
+def _read_mask(mask, name: str) -> np.ndarray:
+    """A mask from a path (its alpha channel when it has one, else its grey value) or an array, (H, W[, C])."""
+    if not isinstance(mask, (str, Path)):
+        return np.asarray(mask)
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(mask)
+    if not p.is_file():
+        raise FileNotFoundError(f"{name} {p} does not exist")
+    try:
+        with Image.open(p) as im:
+            return np.asarray(im.getchannel("A") if "A" in im.getbands() else im.convert("L"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"{name} {p}: unreadable image ({e})") from None
+
+
+def mimic_crops(req: GenerationRequest, n: int | None = None,
+                warnings: list[str] | None = None) -> dict[int, torch.Tensor]:
+    """Line index → font-OCR input (:func:`~anytext2_lcm.data.hints.mimic_font_crop`) of each line of the first
+    ``n`` (None: all) whose font is mimicked (``req.mimic_fonts``). It reads the images: ``generate`` calls it before
+    the model is loaded to check them.
+
+    Raises:
+        InputError / FileNotFoundError naming the line and the file.
+    """
+    items = list(req.mimic_fonts or [])
+    if n is not None and any(x is not None for x in items[n:]) and warnings is not None:
+        warnings.append("mimicked fonts given for lines the prompt does not have: ignored")
+    out = {}
+    for i, item in enumerate(items if n is None else items[:n]):
+        if item is None:
+            continue
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise InputError(f"mimic_fonts[{i}]: expected (image, mask), got {type(item).__name__}")
+        if req.fonts and i < len(req.fonts) and req.fonts[i]:
+            raise InputError(f"line {i}: a font file (fonts[{i}]) and a mimicked font (mimic_fonts[{i}]) were both "
+                             "given; choose one")
+        image = read_image(item[0], f"mimic_fonts[{i}] image")
+        try:
+            out[i] = mimic_font_crop(image, _read_mask(item[1], f"mimic_fonts[{i}] mask"))
+        except ValueError as e:
+            raise InputError(f"mimic_fonts[{i}]: {e}") from None
+    return out
+
+
+def _revise(i: int, glyph: np.ndarray, positions: np.ndarray, polygons: list, used: list, warnings: list) -> None:
+    """``revise_position`` of line ``i``, in place (positions (n, H, W), the polygons); a warning when the glyphs
+    do not close into one region (the position is kept, as the original does)."""
+    found = revise_position(glyph, positions.shape[1], positions.shape[2])
+    if found is None:
+        warnings.append(f"positions[{i}]: could not revise the position to the glyphs' rectangle (they do not close "
+                        "into one region); kept as given")
+        return
+    positions[i], rect = found
+    polygons[i] = rect
+    used[i] = rect.tolist()
 
 
 def re_quoted(*prompts: str | None) -> list[str]:
@@ -507,10 +646,3 @@ def _glyph_preview(glyphs: np.ndarray, polygons: Sequence) -> np.ndarray:
     return img
 
 
-def request_from_dict(d: dict) -> GenerationRequest:
-    """Build a request from a plain dict (e.g. parsed JSON), rejecting unknown keys by name."""
-    names = {f.name for f in dataclasses.fields(GenerationRequest)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(f"generation request: unknown field(s) {unknown}")
-    return GenerationRequest(**d)

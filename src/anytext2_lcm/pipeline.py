@@ -35,6 +35,26 @@ def image_prompt(caption: str, a_prompt: str) -> str:
     return caption + ", " + a_prompt
 
 
+@dataclass(frozen=True)
+class BranchPrompts:
+    """The four prompt lists of a batch under AnyText2's CFG (B strings each; ``neg_*`` None: no uncond branch)."""
+
+    img: list[str]
+    text: list[str]
+    neg_img: list[str] | None
+    neg_text: list[str] | None
+
+
+def branch_prompts(captions: list[str], text_captions: list[str], a_prompt: str, n_prompt: str,
+                   guided: bool = True) -> BranchPrompts:
+    """cond = (``image_prompt(caption, a_prompt)``, text caption with ``*`` placeholders); uncond = (``n_prompt``,
+    ""). The one place these strings are built: generation, the distillation teachers and validation all call it,
+    so a student is trained on exactly the prompts it is sampled with."""
+    B = len(captions)
+    return BranchPrompts([image_prompt(c, a_prompt) for c in captions], list(text_captions),
+                         [n_prompt] * B if guided else None, [""] * B if guided else None)
+
+
 @dataclass
 class Branches:
     """Encoded conditioning of a batch: the cond branch and optionally the uncond branch.
@@ -144,6 +164,18 @@ class GuidedDenoiser:
         return eps_u + self.guidance_scale * (eps_c - eps_u)
 
 
+class NonFiniteError(RuntimeError):
+    """Sampling or decoding produced NaN/Inf (non-finite weights, an fp16 overflow, an extreme option): the run
+    stops with this instead of returning a black image."""
+
+
+def require_finite(x: torch.Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteError` naming ``what`` when ``x`` holds NaN or Inf."""
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{what} holds NaN/Inf values; no image was written (check the weights and the "
+                             f"numeric options; in fp16 try --dtype fp32 or --vae-dtype fp32)")
+
+
 @dataclass
 class SampleResult:
     """Final latents and the per-step trajectory.
@@ -172,6 +204,8 @@ def sample(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sampl
         sampler: object with ``timesteps(num_steps)`` and ``step(eps, t, t_next, x, generator)``.
         timesteps: explicit timesteps (descending) instead of the sampler's default for ``num_steps``.
         callback: called as ``callback(step_index, t, x)`` after each step.
+    Raises:
+        NonFiniteError: a step produced NaN/Inf (checked after every step: the run stops at once).
     """
     ts = list(timesteps) if timesteps is not None else list(sampler.timesteps(num_steps))
     x = x_T
@@ -183,6 +217,7 @@ def sample(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sampl
         eps = denoiser(x, tt)
         out = sampler.step(eps, int(t), t_next, x, generator=generator)
         x = out.prev_sample
+        require_finite(x, f"the latent after sampling step {i + 1} of {len(ts)} (t={int(t)})")
         x_inter.append(x)
         pred_x0.append(out.denoised)
         if callback is not None:

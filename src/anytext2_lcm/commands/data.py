@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from ..cli import HelpFormatter
 
 log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    from .common import POSITIVE, SEED, number
+
+    PROB = number(0, 1)
+    fmt = HelpFormatter
     p = subparsers.add_parser(
         "make-data", formatter_class=fmt,
         help="write a synthetic dataset in the AnyWord-3M format (images + JSON)",
@@ -18,14 +22,14 @@ def register(subparsers) -> None:
                     "backgrounds, and write the images with an AnyWord-3M annotation file that the training reader "
                     "and validate-data accept.")
     p.add_argument("--out", required=True, help="output folder (images/ and anyword_synth*.json are written there)")
-    p.add_argument("--num", type=int, default=200, help="number of images")
-    p.add_argument("--size", type=int, default=512, help="image side in pixels")
+    p.add_argument("--num", type=POSITIVE, default=200, help="number of images")
+    p.add_argument("--size", type=number(64, 16384, integer=True), default=512, help="image side in pixels")
     p.add_argument("--vary-size", action="store_true", help="random non-square sizes around --size")
-    p.add_argument("--min-lines", type=int, default=1, help="fewest text lines per image")
-    p.add_argument("--max-lines", type=int, default=5, help="most text lines per image")
-    p.add_argument("--chinese-prob", type=float, default=0.4, help="probability that a line is Chinese")
-    p.add_argument("--vertical-prob", type=float, default=0.15, help="probability that a line is vertical")
-    p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
+    p.add_argument("--min-lines", type=POSITIVE, default=1, help="fewest text lines per image")
+    p.add_argument("--max-lines", type=POSITIVE, default=5, help="most text lines per image")
+    p.add_argument("--chinese-prob", type=PROB, default=0.4, help="probability that a line is Chinese")
+    p.add_argument("--vertical-prob", type=PROB, default=0.15, help="probability that a line is vertical")
+    p.add_argument("--seed", type=SEED, default=0, help="image i depends only on (seed, i)")
     p.add_argument("--font-dir", default=None, help="fonts to draw with (default: the system's fonts)")
     p.add_argument("--font", default=None,
                    help="one font (FILE or FILE#INDEX) for every line; 'default': the glyph renderer's font")
@@ -36,13 +40,13 @@ def register(subparsers) -> None:
                         "held-out words) or a UTF-8 word-list file (one line of text per row)")
     p.add_argument("--text-size", default="0.04,0.12", metavar="LOW,HIGH",
                    help="font size range as a fraction of the image's short side")
-    p.add_argument("--max-angle", type=float, default=60.0, help="largest tilt of a horizontal line (degrees)")
-    p.add_argument("--invalid-prob", type=float, default=0.1,
+    p.add_argument("--max-angle", type=number(0, 90), default=60.0, help="largest tilt of a horizontal line (degrees)")
+    p.add_argument("--invalid-prob", type=PROB, default=0.1,
                    help="probability of an extra faint word recorded as valid: false")
-    p.add_argument("--no-color-prob", type=float, default=0.1,
+    p.add_argument("--no-color-prob", type=PROB, default=0.1,
                    help="probability that a line's colour is not recorded")
-    p.add_argument("--shard-size", type=int, default=10000, help="rows per JSON file")
-    p.add_argument("--workers", type=int, default=1, help="processes")
+    p.add_argument("--shard-size", type=POSITIVE, default=10000, help="rows per JSON file")
+    p.add_argument("--workers", type=number(1, 1024, integer=True), default=1, help="processes")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     p.set_defaults(func=make_data)
 
@@ -54,16 +58,17 @@ def register(subparsers) -> None:
                     "image sizes. Exit status 1 when a file is unusable (not JSON, wrong structure, or no usable "
                     "sample) or the skip rate exceeds --max-skip-rate.")
     v.add_argument("json", nargs="+", help="annotation files")
-    v.add_argument("--image-size", type=int, default=512, help="training size the polygons are checked at")
-    v.add_argument("--max-chars", type=int, default=20, help="characters per line the reader keeps")
+    v.add_argument("--image-size", type=number(64, 16384, integer=True), default=512,
+                   help="training size the polygons are checked at")
+    v.add_argument("--max-chars", type=POSITIVE, default=20, help="characters per line the reader keeps")
     v.add_argument("--font", default=None, help="font file (FILE or FILE#INDEX) used for every line")
     v.add_argument("--font-dir", default=None, help="per-language fonts (checked with --rand-font)")
     v.add_argument("--rand-font", action="store_true", help="lines may use any font of their language")
-    v.add_argument("--wm-thresh", type=float, default=1.0, help="rows with wm_score above this are dropped")
+    v.add_argument("--wm-thresh", type=number(), default=1.0, help="rows with wm_score above this are dropped")
     v.add_argument("--full", action="store_true", help="also run the whole per-sample processing")
-    v.add_argument("--workers", type=int, default=1, help="processes")
-    v.add_argument("--max-skip-rate", type=float, default=None, help="fail when more samples are skipped")
-    v.add_argument("--examples", type=int, default=3, help="examples shown per skip reason")
+    v.add_argument("--workers", type=number(1, 1024, integer=True), default=1, help="processes")
+    v.add_argument("--max-skip-rate", type=PROB, default=None, help="fail when more samples are skipped")
+    v.add_argument("--examples", type=number(0, 10**6, integer=True), default=3, help="examples shown per skip reason")
     v.set_defaults(func=validate_data)
 
     ix = subparsers.add_parser(
@@ -109,10 +114,10 @@ def make_data(args) -> int:
                       seed=args.seed, font_dir=args.font_dir, shard_size=args.shard_size, font=args.font,
                       backgrounds=args.backgrounds, vocabulary=args.vocabulary, text_size=text_size,
                       max_angle=args.max_angle, invalid_prob=args.invalid_prob, no_color_prob=args.no_color_prob)
-    if args.overwrite:
-        for old in out.glob("anyword_synth*.json"):
-            old.unlink()
+    previous = set(out.glob("anyword_synth*.json")) if args.overwrite else set()
     paths = write_dataset(cfg, out, workers=max(args.workers, 1))
+    for old in previous - set(paths):  # only once the new dataset is written: a failure keeps the old one
+        old.unlink()
     print(f"wrote {cfg.num} images to {out / 'images'} and {', '.join(str(p) for p in paths)}")
     return 0
 

@@ -8,12 +8,13 @@ CFG) vs student (1/2/4/8 steps) vs the controls on held-out words, read by the o
 from __future__ import annotations
 
 import argparse
+from ..cli import HelpFormatter
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="distil a few-step student from the built-in testbed teacher and compare them (CPU, minutes)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Makes synthetic data, distils an LCM-LoRA student from the built-in testbed teacher with the "
                     "project's trainer, generates held-out words with the teacher (20 steps + CFG 7.5), the student "
                     "(1/2/4/8 steps), the teacher's own DDIM and the undistilled weights at those step counts from "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from ..cli import HelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +17,7 @@ def register(sub) -> None:
     from ..evaluate.runtime import add_runtime_args
     from ..defaults import STUDENT_STEPS, TEACHER_CFG, TEACHER_STEPS
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     p = sub.add_parser(
         "evaluate", formatter_class=fmt,
         help="teacher vs student: OCR accuracy (Sen.ACC, NED), fidelity, speed; JSON + Markdown report + grids",
@@ -93,7 +94,10 @@ def _evaluate(args) -> int:
     from ..evaluate.runtime import resolve_runtime_args, runtime_from_args
     from .common import check_model_inputs, check_output_dir
 
-    check_output_dir(args.out)  # before anything is loaded: the folder, the model, adapter, decoder and font files
+    check_output_dir(args.out)  # before anything is loaded: the folder, the data, model, adapter, decoder, font
+    for f in args.data:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"--data {f}: annotation file not found")
     check_model_inputs(args)
     sampling = default_sampling(args.lora, args.student_sampler)
     if sampling.sampler == "ddim":  # no adapter: the student runs are the teacher's weights with the LCM sampler

@@ -7,7 +7,9 @@ import json
 import logging
 from pathlib import Path
 
-from .common import add_model_args
+from ..generation import MAX_IMAGES, MAX_SIDE
+from .common import CFG, POSITIVE, SEED, STEPS, add_community_args, add_model_args, number
+from ..cli import HelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -15,12 +17,13 @@ log = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate", help="generate (or edit) an image with text lines, teacher or student",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description='The prompt\'s "quoted" texts become the text lines, one per position (boxes/polygons in a JSON '
                     "file, or a white-on-black mask image). With --edit-image the positions of that image are "
                     "rewritten. Without --lora: the teacher (DDIM, 20 steps, CFG 7.5). With --lora ADAPTER: the student "
                     "as its adapter records it (e.g. LCM, 4 steps, no CFG); --sampler/--steps/--cfg override.")
     add_model_args(p)
+    add_community_args(p)
     g = p.add_argument_group("text and layout")
     g.add_argument("--prompt", required=True, help='image prompt, e.g. \'a shop sign that says "Hello" and "世界"\'')
     g.add_argument("--text-prompt", help='separate text prompt with "quoted" lines (default: from --prompt)')
@@ -35,32 +38,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = p.add_argument_group("sampling")
     s.add_argument("--sampler", default=None, choices=["ddim", "lcm", "tcd", "pcm"],
                    help="default: ddim without --lora, the adapter's recorded sampler with it")
-    s.add_argument("--steps", type=int, default=None,
+    s.add_argument("--steps", type=STEPS, default=None,
                    help="default: 20 for the teacher, the adapter's recorded steps (4) for a student")
-    s.add_argument("--cfg", type=float, default=None,
+    s.add_argument("--cfg", type=CFG, default=None,
                    help="CFG scale (default: 7.5 for the teacher, the adapter's recorded scale (1: off) for a student)")
-    s.add_argument("--gamma", type=float, default=None, help="TCD gamma (0 = deterministic)")
-    s.add_argument("--num-phases", type=int, default=None,
+    s.add_argument("--gamma", type=number(0, 1), default=None, help="TCD gamma (0 = deterministic)")
+    s.add_argument("--num-phases", type=STEPS, default=None,
                    help="PCM: the student's phases (steps must divide it or be a multiple of it)")
     s.add_argument("--phase-convention", default=None, choices=["inference", "official"],
                    help="PCM: where the student's phase edges are (default: inference)")
-    s.add_argument("--original-steps", type=int, default=None,
+    s.add_argument("--original-steps", type=STEPS, default=None,
                    help="lcm/tcd/pcm: points of the student's distillation grid (distill.num_ddim_timesteps; "
                         "default 50)")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    s.add_argument("--strength", type=float, default=1.0, help="WriteNet control strength")
-    s.add_argument("--attnx-scale", type=float, default=1.0)
+    s.add_argument("--eta", type=number(0, 1), default=0.0, help="DDIM eta")
+    s.add_argument("--strength", type=number(0, 10), default=1.0, help="WriteNet control strength")
+    s.add_argument("--attnx-scale", type=number(-10, 10), default=1.0)
     s.add_argument("--a-prompt", default=None, help="added prompt (default: the original demo's)")
     s.add_argument("--n-prompt", default=None, help="negative prompt (default: the original demo's)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--num-images", type=int, default=1)
-    s.add_argument("--height", type=int, default=None, help="default: the model's own size (testbed 128, sd15 512)")
-    s.add_argument("--width", type=int, default=None, help="default: the model's own size")
+    s.add_argument("--seed", type=SEED, default=0, help="an integer in 0..2**63-1")
+    s.add_argument("--num-images", type=number(1, MAX_IMAGES, integer=True), default=1)
+    s.add_argument("--height", type=POSITIVE, default=None,
+                   help="default: the model's own size (testbed 128, sd15 512)")
+    s.add_argument("--width", type=POSITIVE, default=None, help="default: the model's own size")
+    s.add_argument("--max-size", type=POSITIVE, default=MAX_SIDE,
+                   help="largest --height/--width accepted (a memory guard; raise it on a large GPU)")
     p.add_argument("--out", required=True, help="output PNG (several images: OUT_0.png, OUT_1.png, ...)")
     p.add_argument("--save-glyphs", action="store_true", help="also write OUT.glyphs.png (rendered glyphs + positions)")
     from ..evaluate.runtime import add_runtime_args
 
     add_runtime_args(p)
+    _add_demo_args(p)
     p.set_defaults(func=_generate)
 
 
@@ -88,15 +95,36 @@ def parse_colors(text: str | None) -> list | None:
     return out
 
 
-def _generate(args) -> int:
-    from PIL import Image
+def image_paths(out: str | Path, n: int) -> list[Path]:
+    """The files of ``n`` images for ``--out OUT``: OUT itself, or OUT_0.ext, OUT_1.ext, ..."""
+    out = Path(out)
+    return [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
 
-    from ..generation import GenerationRequest, InputError, load_positions
+
+def check_inputs(args):
+    """The file checks of a ``generate`` command line, run first, before any model is loaded; the one place to
+    extend for new file flags. Numbers were range-checked by argparse; here: the output files (not a folder, a known
+    image extension, a writable folder), the model (a checkpoint file's header and keys; a pickle is refused), the
+    adapter (safe, LoRA weights, finite), the tiny decoder and the glyph font. Returns the model's configuration,
+    against which ``generation.check_request`` then checks the request (sizes, positions, mask, edit image, fonts,
+    colours, sampler). Raises UsageError / CheckpointError / FileNotFoundError: one line, exit 2."""
+    from .common import check_model_inputs, check_output_file
+
+    for path in image_paths(args.out, args.num_images) + ([Path(args.out).with_suffix(".glyphs.png")]
+                                                           if args.save_glyphs else []):
+        check_output_file(path, image=True)
+    return check_model_inputs(args)
+
+
+def _generate(args) -> int:
+    from ..atomic import save_image
+    from ..generation import GenerationRequest, InputError, check_request, load_positions
     from ..defaults import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
     from ..samplers import sampler_options as known_options
     from .common import default_sampling, model_from_args, sampler_options
     from ..cli import UsageError
 
+    model_cfg = check_inputs(args)  # files first; the request below is checked against it: all before the model
     sampling = default_sampling(args.lora, args.sampler)
     sampler = args.sampler or sampling.sampler
     steps = args.steps if args.steps is not None else sampling.steps
@@ -113,32 +141,94 @@ def _generate(args) -> int:
             seed=args.seed, steps=steps, sampler=sampler, sampler_options=opts, cfg_scale=cfg,
             strength=args.strength, attnx_scale=args.attnx_scale, eta=args.eta,
             a_prompt=DEFAULT_A_PROMPT if args.a_prompt is None else args.a_prompt,
-            n_prompt=DEFAULT_N_PROMPT if args.n_prompt is None else args.n_prompt, glyph_font=args.glyph_font)
+            n_prompt=DEFAULT_N_PROMPT if args.n_prompt is None else args.n_prompt, glyph_font=args.glyph_font,
+            max_side=args.max_size, **_demo_fields(args))
+        check_request(req, model_cfg)
     except InputError as e:
         raise UsageError(str(e)) from None
+    community = _check_demo_inputs(args, req)
     from ..evaluate.runtime import apply_runtime_options, resolve_runtime_args, runtime_from_args
     from ..factory import pick_device
 
     resolve_runtime_args(args, pick_device(args.device))
-    model, device, dtype = model_from_args(args)
+    model, device, dtype = model_from_args(args, community)
     _, gen = apply_runtime_options(model, runtime_from_args(args), device)
     try:
         res = gen(req)
     except InputError as e:
         raise UsageError(str(e)) from None
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, img in enumerate(res.images):
-        path = out if len(res.images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}")
-        Image.fromarray(img).save(path)
-        paths.append(path)
+    paths = image_paths(args.out, len(res.images))
+    for path, img in zip(paths, res.images):
+        save_image(path, img)  # atomic: a failed write keeps the file that was there
     if args.save_glyphs:
-        Image.fromarray(res.glyph_preview).save(out.with_suffix(".glyphs.png"))
+        save_image(Path(args.out).with_suffix(".glyphs.png"), res.glyph_preview)
+    debug = _write_debug_images(args, res)
     for w in res.warnings:
         log.warning(w)
     info = {"images": [str(p) for p in paths], "texts": res.texts, "sampler": sampler, "steps": steps,
             "cfg": cfg, "seed": args.seed, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-            "decoder": args.tiny_decoder or "full", "seconds": {k: round(v, 3) for k, v in res.seconds.items()}}
+            "decoder": args.tiny_decoder or "full", "seconds": {k: round(v, 3) for k, v in res.seconds.items()},
+            **(community.describe() if community else {}), **({"debug_images": debug} if debug else {})}
     print(json.dumps(info, ensure_ascii=False))
     return 0
+
+
+# ---- the original demo's extras: mimic font, revise position, hollow font, debug images ---------------------------
+
+def _add_demo_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("font hints and positions (the original demo's options)")
+    g.add_argument("--mimic-font", metavar="IMAGE:MASK", action="append", default=[],
+                   help="per line, in order (repeat the flag; '-' skips a line): take the line's font hint from the "
+                        "text under the white (or opaque) region of MASK in IMAGE instead of a font file")
+    g.add_argument("--revise-position", action="store_true",
+                   help="replace each position by the minimum-area rectangle of its rendered glyphs (not in editing)")
+    g.add_argument("--hollow-font", action="store_true",
+                   help="hollow font hints on a noise background (the original demo's default)")
+    p.add_argument("--debug-images", metavar="DIR",
+                   help="also write the glyph, position and font-hint images (and mimicked crops) into DIR")
+
+
+def parse_mimic_fonts(values: list[str]) -> list | None:
+    """``--mimic-font`` values → one (image, mask) pair or None per line."""
+    from ..cli import UsageError
+
+    out = []
+    for i, text in enumerate(values):
+        if text.strip() in ("", "-", "none"):
+            out.append(None)
+            continue
+        image, sep, mask = text.rpartition(":")
+        if not sep or not image or not mask:
+            raise UsageError(f"--mimic-font entry {i} {text!r}: expected IMAGE:MASK (or '-' for no mimic)")
+        out.append((image, mask))
+    return out or None
+
+
+def _demo_fields(args) -> dict:
+    return {"mimic_fonts": parse_mimic_fonts(args.mimic_font), "revise_position": args.revise_position,
+            "hollow_font": args.hollow_font}
+
+
+def _check_demo_inputs(args, req):
+    """Everything the demo options read, checked before the model is loaded: the mimic images and masks, the base
+    model and the style LoRAs (one-line errors, exit 2). Returns the community weights (or None)."""
+    from ..cli import UsageError
+    from ..generation import InputError, mimic_crops
+    from .common import community_from_args
+
+    try:
+        mimic_crops(req)
+    except InputError as e:
+        raise UsageError(str(e)) from None
+    if args.debug_images and Path(args.debug_images).is_file():
+        raise UsageError(f"--debug-images {args.debug_images}: a file is in the way (give a folder)")
+    return community_from_args(args)
+
+
+def _write_debug_images(args, res) -> list[str]:
+    from ..data.hints import write_debug_images
+
+    if not args.debug_images:
+        return []
+    return [str(p) for p in write_debug_images(res.debug_images, args.debug_images)]
+

@@ -14,6 +14,7 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from ..cli import HelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,7 @@ _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..lora import EXPORT_FORMATS, TARGET_PRESETS
+    from .common import number
 
     p = sub.add_parser(
         "inspect", help="list the model's Linear/Conv2d modules by role and write LoRA target lists",
@@ -38,8 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a converted folder (its config is used), or an original-layout .ckpt/.safetensors whose "
                         "keys and shapes are checked against the architecture (--preset/--config, default sd15)")
     p.add_argument("--list", action="store_true", help="also print every module with its role")
-    p.add_argument("--rank", type=int, default=64, help="LoRA rank for the parameter counts and the targets file")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha for the targets file (default: = rank)")
+    p.add_argument("--rank", type=number(1, 4096, integer=True), default=64,
+                   help="LoRA rank for the parameter counts and the targets file")
+    p.add_argument("--alpha", type=number(0, None, lo_open=True), default=None,
+                   help="LoRA alpha for the targets file (default: = rank)")
     p.add_argument("--preset-targets", metavar="EXPR",
                    help="write the targets of this preset expression (e.g. lcm, attn+writenet-attn) to --out")
     p.add_argument("--zero-convs", action="store_true", help="add the 13 WriteNet zero-convs to --preset-targets")
@@ -48,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "export", help="convert a LoRA adapter (PEFT folder / safetensors / kohya) or merge it into a checkpoint",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Read ADAPTER (PEFT folder, .safetensors, kohya .safetensors, or .bin/.pt through "
                     "weights_only loading) and write it as --format: 'peft' folder, single 'safetensors' file, "
                     "'kohya' safetensors (lora_down/lora_up/alpha, as AnyText2's ms_wrapper merges), or 'merged': "
@@ -62,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=["sd15", "tiny"], help="architecture preset (default sd15)")
     src.add_argument("--config", help="the original model yaml")
-    p.add_argument("--scale", type=float, default=1.0, help="LoRA strength baked into the output")
+    p.add_argument("--scale", type=number(-10, 10), default=1.0, help="LoRA strength baked into the output")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="dtype of the written weights")
     p.set_defaults(func=_user_errors(_export))
 
@@ -102,26 +106,10 @@ def _meta_model(cfg):
         return AnyText2(cfg)
 
 
-def _checkpoint_shapes(path: Path) -> dict:
-    """Key → meta tensor of the right shape, read without loading the weights where the format allows."""
-    import torch
-
-    from ..checkpoint import CheckpointError, read_checkpoint
-
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
-        except Exception as e:
-            raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
-    return read_checkpoint(path)
-
-
 def _inspect(args) -> int:
     from .. import lora
-    from ..checkpoint import check_keys, is_converted, original_shapes, read_converted_config, verify_converted
+    from ..checkpoint import (check_keys, checkpoint_shapes, is_converted, original_shapes, read_converted_config,
+                              verify_converted)
     from ..cli import UsageError
 
     if args.rank < 1:
@@ -150,7 +138,7 @@ def _inspect(args) -> int:
             path = Path(args.checkpoint)
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint {path} does not exist")
-            check_keys(original_shapes(model), _checkpoint_shapes(path), str(path))
+            check_keys(original_shapes(model), checkpoint_shapes(path), str(path))
             note = f"{path}: keys and shapes match"
     table = lora.module_table(model)
     n_params = sum(p.numel() for p in model.parameters())

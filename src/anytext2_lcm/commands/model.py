@@ -6,13 +6,16 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from ..cli import HelpFormatter
 
 log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .common import number
+
     p = sub.add_parser("convert", help="convert an official AnyText2 checkpoint into a fast-loading folder",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=HelpFormatter,
                        description="Load CKPT (.ckpt/.pt/.pth through torch.load(weights_only=True), or .safetensors) "
                                    "strictly and write OUT_DIR: one safetensors file per component, config.json and a "
                                    "manifest with sha256 sums. With --check, only verify that CKPT loads strictly.")
@@ -27,15 +30,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("config-docs", help="write docs/config.md from the config dataclasses (--check: verify it)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--out", default="docs/config.md", help="output Markdown file")
     p.add_argument("--check", action="store_true", help="exit 1 if the file differs from what would be written")
     p.set_defaults(func=_config_docs)
 
     p = sub.add_parser("parity", help="replay a fixture made with the original AnyText2 code and compare outputs",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("fixture_dir", help="folder with config.yaml, state_dict/inputs/outputs .safetensors, meta.json")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=number(1, 4096, integer=True), default=None, help="torch CPU threads")
     p.set_defaults(func=_parity)
 
 
@@ -54,6 +57,12 @@ def _convert(args) -> int:
     from ..checkpoint import is_converted, load_converted, load_model, save_converted, verify_converted
     from ..cli import UsageError
 
+    from .common import check_output_dir
+
+    if not args.check:  # before the (large) model is read: where it goes
+        if not args.out_dir:
+            raise UsageError("OUT_DIR is required unless --check is given")
+        check_output_dir(args.out_dir, "OUT_DIR")
     t0 = time.time()
     if is_converted(args.checkpoint):
         verify_converted(args.checkpoint, full=True)
@@ -65,8 +74,6 @@ def _convert(args) -> int:
           f"{time.time() - t0:.1f} s")
     if args.check:
         return 0
-    if not args.out_dir:
-        raise UsageError("OUT_DIR is required unless --check is given")
     t1 = time.time()
     out = save_converted(model, Path(args.out_dir), extra={"source": Path(args.checkpoint).name})
     print(f"wrote {out} in {time.time() - t1:.1f} s")
@@ -95,7 +102,8 @@ def _config_docs(args) -> int:
             return 1
         print(f"{out} is up to date")
         return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    from ..atomic import write_text
+
+    write_text(out, text)
     print(f"wrote {out} ({len(text.splitlines())} lines)")
     return 0

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+from ..cli import HelpFormatter
 
 log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "testbed", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "testbed", formatter_class=HelpFormatter,
         help="retrain the built-in 128 px testbed model from nothing (data, VAE, OCR, teacher; cached stages)",
         description="Runs configs/testbed.yaml: synthetic data with held-out words, the autoencoder (stops if its "
                     "reconstructions do not read at the gate), the glyph recogniser and AnyText2's objective, all "

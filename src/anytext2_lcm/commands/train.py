@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from ..cli import HelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML training config")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set train.max_steps=100 (repeatable; values are YAML)")
-    p.add_argument("--resume", default=None, metavar="latest|PATH",
-                   help="continue from the newest complete checkpoint of output_dir, or from a checkpoint folder")
+    p.add_argument("--resume", default=None, metavar="latest|fresh|PATH",
+                   help="latest: continue from the newest checkpoint of output_dir that verifies (exit 2 naming each "
+                        "checkpoint when there are some but none verifies); fresh: start over, moving the existing "
+                        "checkpoints to checkpoints/previous-TIME/; PATH: a checkpoint folder")
     p.add_argument("--init-adapter", default=None, metavar="PATH",
                    help="start a new run from this LoRA adapter (shortcut for --set checkpoint.init_adapter=PATH)")
     p.add_argument("--output-dir", default=None, help="shortcut for --set output_dir=DIR")
@@ -37,7 +40,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     d = subparsers.add_parser(
         "distill", formatter_class=fmt, help="distil the AnyText2 teacher into a few-step LoRA student (LCM or PCM)",
         description="LCM-LoRA or PCM-LoRA (method: pcm) distillation of AnyText2 on AnyWord-format data, on one or many GPUs (run under "
@@ -53,7 +56,8 @@ def register(subparsers) -> None:
     _add_common(t)
     t.set_defaults(func=_train_teacher)
     dec = subparsers.add_parser(
-        "train-decoder", formatter_class=fmt, help="distil the model's VAE decoder into a light decoder (--tiny-decoder)",
+        "train-decoder", formatter_class=fmt,
+        help="distil the model's VAE decoder into a light decoder (--tiny-decoder)",
         description="method: decoder. Distils the model's own VAE decoder into a small AutoencoderTiny-shaped decoder "
                     "on AnyWord-format images, the error weighted inside the text lines; writes "
                     "OUTPUT/light_decoder.safetensors (load it with --tiny-decoder FILE in generate, evaluate and "

@@ -6,7 +6,8 @@ import argparse
 import logging
 import os
 
-from .common import add_model_args
+from .common import add_community_args, add_model_args, number
+from ..cli import HelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -14,17 +15,18 @@ log = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ui", help="web UI: draw positions, type quoted lines, pick fonts/colours; teacher vs student",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Starts a Gradio app and prints its URL. Generation and editing with the teacher, the teacher + "
                     "student LoRA (the adapter bypassed for the teacher, one network in memory) or the merged "
                     "student; a compare view puts the teacher's 20-step DDIM beside the student at 1/2/4/8 steps. "
                     "Needs the 'ui' extra (pip install 'anytext2-lcm[ui]').")
     add_model_args(p, lora=True, merge=False)
+    add_community_args(p)
     p.add_argument("--font", dest="glyph_font", help="glyph font file (default: a CJK-capable system font)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    s.add_argument("--port", type=int, default=7860, help="port (0: any free port)")
-    s.add_argument("--size", type=int, default=None,
+    s.add_argument("--port", type=number(0, 65535, integer=True), default=7860, help="port (0: any free port)")
+    s.add_argument("--size", type=number(64, 4096, integer=True), default=None,
                    help="initial image width/height (None: the model's own size: testbed 128, sd15 512)")
     s.add_argument("--no-warmup", action="store_true", help="skip the small warm-up generation at start")
     p.set_defaults(func=_ui)
@@ -43,12 +45,15 @@ def _ui(args) -> int:
         raise UsageError(f"--size {args.size}: a multiple of 64")
     port = args.port if args.port else _free_port(args.host)
     _check_port(args.host, port)  # before the model is loaded: fail fast
+    from .common import check_model_inputs
+
+    check_model_inputs(args)  # the model, adapter and font files too
     from ..ui.app import build_app, launch
     from ..ui.engine import Engine
 
     engine = Engine.load(args.model, lora=args.lora, lora_scale=args.lora_scale, device=args.device,
                          dtype=args.dtype, config=args.config, trust_pickle=args.trust_pickle,
-                         glyph_font=args.glyph_font)
+                         glyph_font=args.glyph_font, base_model=args.base_model, style_loras=args.style_lora)
     log.info("%s", engine.describe().replace("`", ""))
     if not args.no_warmup:
         log.info("warm-up generation took %.1f s", engine.warmup())

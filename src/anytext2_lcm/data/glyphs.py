@@ -35,13 +35,14 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..conditioning import UNSPECIFIED_COLOR as _UNSPECIFIED
 from .fonts import FontSpec, as_font_spec
 from .prompts import TEXT_CAPTION_PHRASES, build_text_caption, parse_prompt_lines  # noqa: F401  (re-exported)
 
 LINE_HEIGHT, LINE_WIDTH = 80, 512
 """Canvas of :func:`render_line` (the glyph-OCR input)."""
-UNSPECIFIED_COLOR = (500, 500, 500)
-"""The original's "no colour chosen" RGB."""
+UNSPECIFIED_COLOR = (_UNSPECIFIED,) * 3
+"""The original's "no colour chosen" RGB: ``conditioning.UNSPECIFIED_COLOR`` per channel."""
 VERTICAL_ANGLE = 10.0
 """Rectangles within this many degrees of the axes and taller than wide are laid out vertically."""
 
@@ -111,14 +112,6 @@ def cached_line_renderer(maxsize: int = 4096) -> Callable[[str, FontSpec], np.nd
 def insert_spaces(text: str, n: int) -> str:
     """``n`` spaces between consecutive characters."""
     return (" " * n).join(text)
-
-
-def min_area_rect(polygon) -> tuple[tuple[float, float], tuple[float, float], np.ndarray]:
-    """(centre, (long side, short side), 4 corner points float32) of the polygon's minimum-area rectangle."""
-    pts = np.asarray(polygon, dtype=np.float32).reshape(-1, 2)
-    rect = cv2.minAreaRect(pts)
-    w, h = rect[1]
-    return rect[0], (max(w, h), min(w, h)), cv2.boxPoints(rect)
 
 
 def long_side_angle(box: np.ndarray) -> float:

@@ -34,12 +34,11 @@ import importlib.util
 import json
 import math
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import MAX_SEED, PRESETS, ConfigError, is_seed
+from ..config import MAX_SEED, PRESETS, ConfigError, _check, build_dataclass, is_seed
 from ..data.anyword import DataConfig
 from ..lora import LoraSpec
 from ..defaults import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
@@ -60,11 +59,6 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 OPTIMIZERS = ("adamw", "adamw8bit")
 VALIDATION_SAMPLERS = ("lcm", "tcd", "pcm", "ddim")
 TEACHER_TRAINABLE = ("writenet", "embedding_manager", "attnx", "unet")
-
-
-def _check(cond: bool, name: str, value: Any, rule: str) -> None:
-    if not cond:
-        raise ConfigError(f"{name}={value!r}: {rule}")
 
 
 def _is_int(v: Any) -> bool:
@@ -488,7 +482,7 @@ class ValidationSection:
         _check(_is_int(self.image_size) and self.image_size >= 64 and self.image_size % 64 == 0,
                "validation.image_size", self.image_size, "must be a positive multiple of 64")
         _check(isinstance(self.prompts, list), "validation.prompts", self.prompts, "must be a list")
-        self.prompts = [p if isinstance(p, ValidationPrompt) else _build(ValidationPrompt, p, "validation.prompts")
+        self.prompts = [p if isinstance(p, ValidationPrompt) else build_dataclass(ValidationPrompt, p, "validation.prompts")
                         for p in self.prompts]
 
 
@@ -656,56 +650,9 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _wants_float(hint: Any) -> bool:
-    if hint is float:
-        return True
-    return any(a is float for a in typing.get_args(hint))
-
-
-def _coerce(hint: Any, value: Any) -> Any:
-    """YAML reads ``1e-4`` (no dot) as a string; a float field takes it as the number it means."""
-    if isinstance(value, str) and _wants_float(hint):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    if isinstance(value, list) and typing.get_origin(hint) is tuple and _wants_float(hint):
-        return [_coerce(float, v) for v in value]
-    return value
-
-
-def _build(cls: type, values: Any, prefix: str) -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, recursing into dataclass-typed fields; unknown keys are errors."""
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix}: expected a mapping of fields, got {type(values).__name__} {values!r}")
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"{prefix}.{unknown[0]}: unknown field (known in {prefix or 'the top level'}: "
-                          f"{', '.join(sorted(names))})".lstrip("."))
-    kwargs = {}
-    for k, v in values.items():
-        t = hints.get(k)
-        if isinstance(t, type) and dataclasses.is_dataclass(t):
-            kwargs[k] = _build(t, v, f"{prefix}.{k}".lstrip("."))
-        else:
-            kwargs[k] = _coerce(t, v)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # e.g. a required field missing
-        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
-
-
 def config_from_dict(d: dict) -> TrainConfig:
     """Build and validate a :class:`TrainConfig` from plain data (a parsed YAML document)."""
-    return _build(TrainConfig, d, "")
+    return build_dataclass(TrainConfig, d, "")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..defaults import student_sampling
 from ..lora import LoraSpec, apply_lora, disable_adapters, lora_layers, save_lora
-from ..pipeline import Branches, GuidedDenoiser, encode_branches, image_prompt
+from ..pipeline import Branches, GuidedDenoiser, branch_prompts, encode_branches
 from ..samplers.schedule import NoiseSchedule
 from .batch import Method, StepOutput, TrainBatch, randn_per_sample, text_weight_map
 from .losses import huber_loss, l2_loss
@@ -81,10 +81,9 @@ def distill_conditions(model: nn.Module, tb: TrainBatch, a_prompt: str, n_prompt
 
     ``writenet_lora``: whether a LoRA sits in the WriteNet (None: look it up).
     """
-    B = tb.batch_size
-    img_prompts = [image_prompt(c, a_prompt) for c in tb.img_captions]
+    p = branch_prompts(tb.img_captions, tb.text_captions, a_prompt, n_prompt)
     with disable_adapters(model):
-        branches = encode_branches(model, tb.text_info, img_prompts, tb.text_captions, [n_prompt] * B, [""] * B)
+        branches = encode_branches(model, tb.text_info, p.img, p.text, p.neg_img, p.neg_text)
     if writenet_lora is None:
         writenet_lora = has_writenet_lora(model)
     return DistillConditions(branches, None if writenet_lora else branches.control_cond)

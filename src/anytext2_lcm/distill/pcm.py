@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from ..defaults import student_sampling
 from ..lora import disable_adapters, save_lora
-from ..pipeline import GuidedDenoiser, encode_branches, image_prompt
+from ..pipeline import GuidedDenoiser, branch_prompts, encode_branches
 from ..samplers.schedule import NoiseSchedule
 from .batch import StepOutput, TrainBatch
 from .lcm import DistillConditions, LCMMethod, distance, draw_step, guided_teacher, student_eps, target_eps
@@ -60,12 +60,11 @@ def pcm_conditions(model: nn.Module, tb: TrainBatch, a_prompt: str, n_prompt: st
             uncond branch; glyphs, positions, font hints, colours and masked_x stay.
         cfg_free: no uncond branch is encoded (the CFG-free teacher never uses it).
     """
-    B = tb.batch_size
-    img = [empty_image_prompt if e else image_prompt(c, a_prompt) for c, e in zip(tb.img_captions, empty)]
-    txt = ["" if e else t for t, e in zip(tb.text_captions, empty)]
+    p = branch_prompts(tb.img_captions, tb.text_captions, a_prompt, n_prompt, guided=not cfg_free)
+    img = [empty_image_prompt if e else c for c, e in zip(p.img, empty)]
+    txt = ["" if e else t for t, e in zip(p.text, empty)]
     with disable_adapters(model):
-        branches = encode_branches(model, tb.text_info, img, txt, None if cfg_free else [n_prompt] * B,
-                                   None if cfg_free else [""] * B)
+        branches = encode_branches(model, tb.text_info, img, txt, p.neg_img, p.neg_text)
     return DistillConditions(branches, None if writenet_lora else branches.control_cond)
 
 

@@ -555,27 +555,21 @@ def format_report(doc: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def add_bench_args(p: argparse.ArgumentParser) -> None:
+    from ..commands.common import CFG, MAX_STEPS, number, number_list
     from .runtime import add_runtime_args
 
     p.add_argument("--model", default="sd15", help="'sd15' (real architecture, random weights), 'tiny', or a "
                                                    "converted folder / checkpoint")
-    p.add_argument("--size", type=int, default=256, help="image side (256 on a CPU, 512 on a GPU)")
+    p.add_argument("--size", type=number(64, 8192, integer=True), default=256, help="image side (256 on a CPU, 512 on a GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="model precision (auto: fp16 on GPU, fp32 on CPU)")
-    p.add_argument("--teacher-steps", type=_int_list, default=(20, 50), help="teacher DDIM step counts")
-    p.add_argument("--student-steps", type=_int_list, default=(1, 2, 4, 8), help="student step counts")
-    p.add_argument("--teacher-cfg", type=float, default=TEACHER_CFG)
+    p.add_argument("--teacher-steps", type=number_list(1, MAX_STEPS), default=(20, 50), help="teacher DDIM step counts")
+    p.add_argument("--student-steps", type=number_list(1, MAX_STEPS), default=(1, 2, 4, 8), help="student step counts")
+    p.add_argument("--teacher-cfg", type=CFG, default=TEACHER_CFG)
     p.add_argument("--student-sampler", default="lcm", choices=["lcm", "tcd", "pcm"])
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
+    p.add_argument("--repeats", type=number(1, 1000, integer=True), default=3, help="timed rounds (median reported)")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--no-components", action="store_true", help="skip the per-component timings")
     p.add_argument("--variants", default="",
@@ -591,7 +585,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="time the student (--student-steps, default 1,2,4) plain and with each of --options against "
                         "the 20-step teacher run as the original runs it (fp32, CFG as two passes, full decoder), "
                         "interleaved, at each of --sizes; check the goal (4 steps: >= 16x at 256 px, >= 12x at 512)")
-    g.add_argument("--sizes", type=_int_list, default=(256, 512), help="--goal: image sides")
+    g.add_argument("--sizes", type=number_list(64, 8192), default=(256, 512), help="--goal: image sides")
     g.add_argument("--options", default="tiny_decoder;bf16;channels_last;fast",
                    help="--goal: ';'-separated student settings, each '+'-joined variant tokens; 'fast' = what "
                         "--fast selects on this device")

@@ -268,9 +268,3 @@ def make_grids(results: dict, out: Path, grid_rows: int = GRID_ROWS, max_grids: 
     return paths
 
 
-def grid_array(path: str | os.PathLike) -> np.ndarray:
-    """A written grid as an (H, W, 3) uint8 array (for tests and notebooks)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))

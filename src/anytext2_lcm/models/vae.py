@@ -135,10 +135,6 @@ def vae_from_ldm(state_dict: dict[str, torch.Tensor], cfg: VAEConfig) -> dict[st
                                       diffusers_vae_config(cfg))
 
 
-def ldm_vae_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
-    return dict(ldm_vae_keys(cfg))
-
-
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:

@@ -18,9 +18,9 @@ Every sampler is a small object built by :func:`make_sampler` (or its class) wit
 After the last step ddim, tcd and pcm return the latent at ᾱ[0] (as the original and diffusers do; it still holds
 sqrt(1 − ᾱ[0]) ≈ 0.029 of ε), lcm returns its denoised estimate; in every case ``prev_sample`` is what to decode.
 
-No state is kept between calls, so steps can be replayed, skipped or run for several images in any order. A loop is
-:func:`sample_loop`: ``ts = s.timesteps(n)``, then for each t
-``x = s.step(eps_fn(x, t), t, next_t_or_None, x, g).prev_sample``.
+No state is kept between calls, so steps can be replayed, skipped or run for several images in any order. The one loop over
+them is ``pipeline.sample``: ``ts = s.timesteps(n)``, then for each t
+``x = s.step(denoiser(x, t), t, next_t_or_None, x, g).prev_sample``.
 
 Samplers
 --------
@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import StepResult, distillation_grid, grid_inference_timesteps, sample_loop
+from .base import StepResult, distillation_grid, grid_inference_timesteps
 from .ddim import DDIMSampler, ldm_ddim_timesteps
 from .lcm import LCMSampler, scalings_for_boundary_conditions
 from .pcm import PCMSampler, phase_edge_indices, phase_edge_timesteps
@@ -92,5 +92,5 @@ def make_sampler(name: str, schedule: NoiseSchedule | None = None, **options):
 __all__ = [
     "DDIMSampler", "LCMSampler", "NoiseSchedule", "PCMSampler", "SAMPLERS", "StepResult", "TCDSampler",
     "distillation_grid", "grid_inference_timesteps", "ldm_ddim_timesteps", "make_sampler", "phase_edge_indices",
-    "phase_edge_timesteps", "sample_loop", "sampler_options", "scalings_for_boundary_conditions",
+    "phase_edge_timesteps", "sampler_options", "scalings_for_boundary_conditions",
 ]

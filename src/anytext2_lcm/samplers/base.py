@@ -140,33 +140,6 @@ def check_num_steps(num_steps: int, low: int, high: int, what: str) -> int:
     return int(num_steps)
 
 
-def sample_loop(sampler, eps_fn: Callable[[torch.Tensor, int], torch.Tensor], x_T: torch.Tensor, num_steps: int,
-           generator: torch.Generator | None = None,
-           callback: Callable[[int, int, StepResult], None] | None = None) -> torch.Tensor:
-    """Run a sampler from ``x_T`` with a (guided) ε-function: the whole loop, nothing else.
-
-    Args:
-        sampler: any object with the interface of :mod:`anytext2_lcm.samplers`.
-        eps_fn: ``eps_fn(x, t) -> eps`` with x (B, C, H, W) and t an int; classifier-free guidance lives inside it.
-        x_T: (B, C, H, W) initial latent (pure noise for generation).
-        num_steps: requested number of steps (the sampler decides the actual list, e.g. ldm DDIM with S=6 runs 7).
-        generator: RNG for the samplers that draw noise (LCM, TCD with gamma > 0, DDIM with eta > 0).
-        callback: called as ``callback(i, t, result)`` after every step.
-
-    Returns:
-        (B, C, H, W) the last step's ``prev_sample``.
-    """
-    ts = sampler.timesteps(num_steps)
-    x = x_T
-    for i, t in enumerate(ts):
-        t_next = ts[i + 1] if i + 1 < len(ts) else None
-        result = sampler.step(eps_fn(x, t), t, t_next, x, generator=generator)
-        if callback is not None:
-            callback(i, t, result)
-        x = result.prev_sample
-    return x
-
-
 def _scalar(v: float) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.float32)
 
@@ -180,5 +153,4 @@ def float32_sigma(eta: float, alpha_t: torch.Tensor, alpha_s: torch.Tensor) -> t
 
 __all__: Sequence[str] = (
     "StepResult", "as_schedule", "ddim_update", "distillation_grid", "grid_inference_timesteps", "grid_positions",
-    "sample_loop",
 )
