@@ -17,16 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pickle
-import shutil
 import time
+import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_dir, save_safetensors, write_json
 from .config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,27 @@ def safe_torch_load(path: str | Path, trust_pickle: bool = False):
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=_is_zip(path))
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says what matters
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=_is_zip(path))
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path}: refused to load: it needs arbitrary unpickling, which could execute code from the file "
-            f"({str(e).splitlines()[0][:200]}). Re-save it as safetensors, or if you trust its source use "
-            f"'anytext2-lcm convert --trust-pickle'.") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+            f"{path}: refused to load: not a weights-only torch file: it needs arbitrary unpickling, which could "
+            f"execute code from the file, or it is not a checkpoint at all ({_unpickler_detail(e)}). Re-save it as "
+            f"safetensors, or if you trust its source use 'anytext2-lcm convert --trust-pickle'.") from None
+    except Exception as e:  # torch raises RuntimeError, KeyError, EOFError, ... for files that are not checkpoints
+        text = str(e).strip().splitlines()
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from None
+                              f"{text[0][:200] if text else ''})") from None
+
+
+def _unpickler_detail(e: Exception) -> str:
+    """The reason line of torch's weights-only unpickler error (e.g. ``Unsupported global: GLOBAL builtins.open``)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if "WeightsUnpickler error" in ln and i + 1 < len(lines):
+            return lines[i + 1][:200]
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def _is_zip(path: Path) -> bool:
@@ -161,7 +173,8 @@ def _summarise(keys: list[str], n: int = 12) -> str:
 
 
 def check_keys(expected: dict[str, tuple], got: dict[str, torch.Tensor], source: str) -> None:
-    """Raise CheckpointError listing missing, unexpected and misshaped keys (original layout)."""
+    """Raise CheckpointError listing missing, unexpected and misshaped keys (original layout); ``got`` maps keys to
+    tensors (real or meta)."""
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
     shapes = [f"{k}: checkpoint {tuple(got[k].shape)} vs model {expected[k]}" for k in expected
@@ -180,6 +193,49 @@ def check_keys(expected: dict[str, tuple], got: dict[str, torch.Tensor], source:
         raise CheckpointError(f"{source} does not match the model{hint}: " + "; ".join(parts))
 
 
+def checkpoint_shapes(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Key → tensor of a checkpoint file without loading its weights where the format allows: meta tensors from a
+    safetensors header, memory-mapped tensors from a zip torch file (``weights_only``; a pickle is refused)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder without manifest.json is not a converted model (nor a checkpoint "
+                              f"file)")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix != ".safetensors":
+        return read_checkpoint(path, trust_pickle=trust_pickle)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad headers / truncation
+        raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({e})") from None
+    return {k: v for k, v in shapes.items() if k not in IGNORED_KEYS}
+
+
+def expected_shapes(cfg: ModelConfig) -> "OrderedDict[str, tuple[int, ...]]":
+    """Key → shape of the architecture ``cfg`` in the original layout (built on the meta device: no memory)."""
+    from .models.anytext2 import AnyText2
+
+    with torch.device("meta"):
+        return original_shapes(AnyText2(cfg))
+
+
+def check_checkpoint_file(path: str | Path, cfg: ModelConfig, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Check, before any model is built, that ``path`` is a readable checkpoint with exactly the keys and shapes of
+    ``cfg``'s architecture (a pickle needing code, a foreign or truncated file is a CheckpointError). A file none of
+    whose keys belongs to an AnyText2 component is refused from its key names alone; otherwise the keys and shapes
+    are compared with the architecture built on the meta device. Returns :func:`checkpoint_shapes`."""
+    got = checkpoint_shapes(path, trust_pickle)
+    if not any(k.startswith(tuple(COMPONENTS.values())) for k in got):
+        raise CheckpointError(f"{path}: not an AnyText2 checkpoint: none of its {len(got)} keys belongs to a "
+                              f"component ({', '.join(p + '*' for p in COMPONENTS.values())})"
+                              + (f", e.g. {', '.join(list(got)[:3])}" if got else ""))
+    check_keys(expected_shapes(cfg), got, str(path))
+    return got
+
+
 def load_original(model: torch.nn.Module, original: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Strictly load an original-layout state dict into ``model`` (an ``AnyText2``)."""
     check_keys(original_shapes(model), original, source)
@@ -188,10 +244,17 @@ def load_original(model: torch.nn.Module, original: dict[str, torch.Tensor], sou
     _check_finite(model, source)
 
 
-def _check_finite(model: torch.nn.Module, source: str) -> None:
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+def require_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming ``source`` when a floating tensor of ``tensors`` holds NaN or Inf (weights that
+    would turn every output black)."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and v.device.type != "meta"
+           and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{source}: {len(bad)} tensors hold NaN/Inf values, e.g. {bad[:3]}")
+
+
+def _check_finite(model: torch.nn.Module, source: str) -> None:
+    require_finite(model.state_dict(), source)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,13 +277,7 @@ def save_converted(model: torch.nn.Module, out_dir: str | Path, extra: dict | No
 
     ``dtype``: store the components' floating-point tensors in this precision (e.g. fp16 for a model that ships
     inside the package; loading casts them back to the model's dtype). The noise schedule stays fp32."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     sd = model.state_dict()
     groups: dict[str, dict[str, torch.Tensor]] = {"schedule": {}}
     for name in COMPONENTS:
@@ -235,25 +292,14 @@ def save_converted(model: torch.nn.Module, out_dir: str | Path, extra: dict | No
                 break
         else:
             groups["schedule"][k] = v.detach().contiguous().cpu()
-    files = {}
-    for name, tensors in groups.items():
-        fn = tmp / f"{name}.safetensors"
-        save_file(tensors, str(fn), metadata={"component": name})
-        files[fn.name] = {"bytes": fn.stat().st_size, "sha256": sha256_file(fn), "tensors": len(tensors)}
-    (tmp / "config.json").write_text(json.dumps({"model": model.cfg.to_dict(), **(extra or {})}, indent=1))
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "files": files}
-    with open(tmp / "manifest.json", "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        files = {}
+        for name, tensors in groups.items():
+            fn = save_safetensors(tmp / f"{name}.safetensors", tensors, metadata={"component": name})
+            files[fn.name] = {"bytes": fn.stat().st_size, "sha256": sha256_file(fn), "tensors": len(tensors)}
+        write_json(tmp / "config.json", {"model": model.cfg.to_dict(), **(extra or {})})
+        write_json(tmp / "manifest.json", {"format": FORMAT, "version": FORMAT_VERSION,
+                                           "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files})
     return out_dir
 
 
@@ -317,6 +363,7 @@ def load_converted(path: str | Path, verify: bool = False, device: str | torch.d
     result = model.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{path}: missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
+    _check_finite(model, str(path))
     return model.to(device)
 
 
@@ -335,8 +382,11 @@ def load_model(path: str | Path | None = None, config: ModelConfig | None = None
     if path is not None and is_converted(path):
         return load_converted(path, verify=verify, device=device)
     cfg = config or C.preset(preset or ("sd15" if path is not None else "tiny"))
+    if path is not None:  # an unusable file is refused before the (large) model is built
+        sd = check_checkpoint_file(path, cfg, trust_pickle)  # a safetensors header, or the mmapped torch file
+        if any(v.device.type == "meta" for v in sd.values()):
+            sd = read_checkpoint(path, trust_pickle=trust_pickle)
     model = AnyText2(cfg)
     if path is not None:
-        sd = read_checkpoint(path, trust_pickle=trust_pickle)
         load_original(model, sd, source=str(path))
     return model.to(device)

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from . import config as C
-from .checkpoint import CheckpointError, is_converted, load_converted, load_model
+from .checkpoint import (CheckpointError, check_checkpoint_file, is_converted, load_converted, load_model,
+                         read_converted_config, verify_converted)
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +140,43 @@ def build_model(spec: str | None, *, preset: str | None = None, config_path: str
                         "pass the official checkpoint or a converted folder for real images")
         return random_model(name, init, seed)
     path = resolve_path(spec)
+    cfg = model_config(spec, preset=preset, config_path=config_path, trust_pickle=trust_pickle)
     if is_converted(path):
-        if config_path:
-            raise C.ConfigError("--config only applies to a checkpoint file")
         return load_converted(path, verify=verify or spec in SHIPPED_MODELS)
-    if not path.exists():
-        raise FileNotFoundError(f"model {spec}: no such file or folder (known names: {', '.join(MODEL_NAMES)})")
-    cfg = C.from_original_yaml(config_path) if config_path else C.preset(preset or "sd15")
     return load_model(path, cfg, trust_pickle=trust_pickle)
 
 
-__all__ = ["INITS", "MODEL_NAMES", "RANDOM_MODELS", "SHIPPED_MODELS", "build_model", "pick_device", "pick_dtype",
-           "random_model", "resolve_path", "shipped_weights"]
+def model_config(spec: str | None, *, preset: str | None = None, config_path: str | None = None,
+                 trust_pickle: bool = False) -> C.ModelConfig:
+    """The architecture ``spec`` (as :func:`build_model` takes it) would build, found without loading any weights.
+
+    For a checkpoint file its header and keys are checked against that architecture (a safetensors header, or a
+    zip torch file through ``weights_only`` memory mapping): a pickle that needs code, a truncated, foreign or
+    mismatched file is refused here, before the model is built. A converted folder's manifest is checked (sizes).
+
+    Raises:
+        ConfigError: ``config_path`` for something that is not a checkpoint file, an unknown preset.
+        CheckpointError / FileNotFoundError: the weights would not load.
+    """
+    if spec is None or spec in RANDOM_MODELS:
+        if config_path:
+            raise C.ConfigError("--config only applies to a checkpoint file")
+        return C.preset(spec or preset or "tiny")
+    path = resolve_path(spec)
+    if is_converted(path):
+        if config_path:
+            raise C.ConfigError("--config only applies to a checkpoint file")
+        verify_converted(path)
+        return read_converted_config(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model {spec}: no such file or folder (known names: {', '.join(MODEL_NAMES)})")
+    if path.is_dir():
+        raise CheckpointError(f"model {spec}: a folder without manifest.json is not a converted model (convert a "
+                              f"checkpoint with `anytext2-lcm convert`)")
+    cfg = C.from_original_yaml(config_path) if config_path else C.preset(preset or "sd15")
+    check_checkpoint_file(path, cfg, trust_pickle)
+    return cfg
+
+
+__all__ = ["INITS", "MODEL_NAMES", "RANDOM_MODELS", "SHIPPED_MODELS", "build_model", "model_config", "pick_device",
+           "pick_dtype", "random_model", "resolve_path", "shipped_weights"]

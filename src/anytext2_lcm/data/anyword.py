@@ -41,8 +41,10 @@ valid JSON or lacks ``data_list`` raises :class:`~.skips.DataFileError` naming t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -52,7 +54,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..config import ConfigError
+from ..config import MAX_SEED, ConfigError, is_seed
 from .augment import random_position_mask, training_font_hint
 from .fonts import FontLibrary, FontSpec, font_language
 from .glyphs import (DegeneratePolygonError, UNSPECIFIED_COLOR, cached_line_renderer, paint_in_polygon,
@@ -137,6 +139,9 @@ class DataConfig:
     """Images more elongated than this are skipped (image_size)."""
     line_cache_size: int = 4096
     """Per-process LRU cache of 80 x 512 line images by (text, font); 0 disables."""
+    allow_absolute_paths: bool = False
+    """Read rows whose ``img_name`` is an absolute path (images outside ``data_root``). By default such a row, and
+    one whose ``img_name`` leaves ``data_root`` through ``..`` (always), is a counted skip (``path_outside_root``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.json_paths, (str, os.PathLike)):
@@ -151,6 +156,13 @@ class DataConfig:
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.font_hint_area), "font_hint_area",
                self.font_hint_area, "must be [low, high] numbers")
         self.font_hint_area = tuple(float(v) for v in self.font_hint_area)
+        for f in dataclasses.fields(self):  # NaN / Inf pass every `>=` / `<=` test below in some direction
+            v = getattr(self, f.name)
+            ok = math.isfinite if f.name != "wm_thresh" else (lambda x: not math.isnan(x))  # inf: no row dropped
+            _check(all(ok(x) for x in (v if isinstance(v, tuple) else (v,)) if isinstance(x, float)),
+                   f.name, v, "must be finite" if f.name != "wm_thresh" else "must be a number (inf: keep every row)")
+        _check(isinstance(self.allow_absolute_paths, bool), "allow_absolute_paths", self.allow_absolute_paths,
+               "must be true or false")
         _check(isinstance(self.image_size, int) and self.image_size >= 64 and self.image_size % 64 == 0,
                "image_size", self.image_size, "must be a positive multiple of 64")
         _check(isinstance(self.max_lines, int) and self.max_lines >= 1, "max_lines", self.max_lines, "must be >= 1")
@@ -163,7 +175,7 @@ class DataConfig:
         _check(len(area) == 2 and 0.0 <= area[0] <= area[1] <= 1.0, "font_hint_area", area,
                "must be [low, high] with 0 <= low <= high <= 1")
         _check(isinstance(self.trunc_cap, int) and self.trunc_cap >= 0, "trunc_cap", self.trunc_cap, "must be >= 0")
-        _check(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "must be an integer >= 0")
+        _check(is_seed(self.seed), "seed", self.seed, f"must be an integer in 0..{MAX_SEED}")
         _check(not self.rand_font or bool(self.font_dir), "rand_font", self.rand_font,
                "needs font_dir (a folder of per-language fonts)")
         _check(self.min_items_for_skip_rate >= 1, "min_items_for_skip_rate", self.min_items_for_skip_rate,
@@ -273,6 +285,21 @@ def _parse_polygon(raw, what: str) -> np.ndarray:
     return np.asarray(raw, dtype=np.float64).reshape(-1, 2)
 
 
+def confined_path(data_root: str, name: str, allow_absolute: bool = False) -> str:
+    """The image path of ``img_name`` under ``data_root``. An absolute name (unless ``allow_absolute``) or one that
+    leaves the root through ``..`` is a SampleError ``path_outside_root`` (the check is on the path's text: links
+    inside the root are followed as the data's owner made them)."""
+    if os.path.isabs(name):
+        if not allow_absolute:
+            raise SampleError("path_outside_root", f"img_name {name!r} is an absolute path (set "
+                                                   f"data.allow_absolute_paths to read images outside data_root)")
+        return name
+    root = os.path.normpath(os.path.abspath(data_root))
+    if os.path.commonpath([root, os.path.normpath(os.path.join(root, name))]) != root:
+        raise SampleError("path_outside_root", f"img_name {name!r} leaves data_root {data_root}")
+    return os.path.join(data_root, name)
+
+
 def parse_row(raw, data_root: str, source: str, cfg: DataConfig, stats: LoadStats) -> Row | BadRow | None:
     """Check the structure and types of one ``data_list`` entry; None if filtered by its watermark score."""
     try:
@@ -285,6 +312,7 @@ def parse_row(raw, data_root: str, source: str, cfg: DataConfig, stats: LoadStat
             raise SampleError("bad_field_type", f"img_name is a {type(name).__name__}, not a string")
         if not name:
             raise SampleError("malformed_row", "img_name is empty")
+        img_path = confined_path(data_root, name, cfg.allow_absolute_paths)
         wm = raw.get("wm_score")
         if wm is not None and not _is_number(wm):
             raise SampleError("bad_field_type", f"wm_score is a {type(wm).__name__}, not a number")
@@ -328,7 +356,7 @@ def parse_row(raw, data_root: str, source: str, cfg: DataConfig, stats: LoadStat
                     raise SampleError("bad_field_type", f"{what}: color must be [r, g, b] numbers, got {color!r}")
                 color = tuple(float(c) for c in color)
             lines.append(Line(poly, ann["text"], ann["language"], color))
-        return Row(os.path.join(data_root, name), caption, lines, invalid, source)
+        return Row(img_path, caption, lines, invalid, source)
     except SampleError as e:
         stats.malformed[e.reason] += 1
         return BadRow(e.reason, e.detail, source)

@@ -8,6 +8,8 @@ SKIP_REASONS: dict[str, str] = {
     "malformed_row": "a row or annotation is not an object, or lacks a required field (a truncated row)",
     "bad_field_type": "a field has the wrong type (e.g. non-string text, caption, language or img_name; "
                       "non-numeric polygon or colour)",
+    "path_outside_root": "img_name is an absolute path (without data.allow_absolute_paths) or climbs out of data_root "
+                         "with '..'",
     "image_missing": "the image file does not exist",
     "image_unreadable": "the image file cannot be decoded (corrupt, truncated, not an image)",
     "image_size": "the image size is absurd (too small, too large, or too elongated)",

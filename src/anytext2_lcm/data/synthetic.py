@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import colorsys
 import functools
-import json
 import logging
 import math
 import os
@@ -26,8 +25,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
+from ..atomic import save_image, write_json
 from .fonts import FontLibrary, FontSpec, system_font_files
 from .glyphs import render_alpha_tile
 from .words import VOCABULARIES, random_text
@@ -442,9 +441,7 @@ def _write_chunk(args) -> list[dict]:
     for i in indices:
         img, row = generate_sample(i, cfg)
         name = f"{i:06d}.jpg"
-        tmp = os.path.join(img_dir, f".{name}.tmp")
-        Image.fromarray(img).save(tmp, format="JPEG", quality=cfg.jpeg_quality)
-        os.replace(tmp, os.path.join(img_dir, name))
+        save_image(os.path.join(img_dir, name), img, format="JPEG", quality=cfg.jpeg_quality)
         rows.append({"img_name": name, **row})
     return rows
 
@@ -472,12 +469,8 @@ def write_dataset(cfg: SynthConfig, out: str | os.PathLike, workers: int = 1) ->
     n_shards = math.ceil(len(rows) / cfg.shard_size)
     for k in range(n_shards):
         name = "anyword_synth.json" if n_shards == 1 else f"anyword_synth_{k:03d}.json"
-        path = out / name
-        tmp = out / f".{name}.tmp"
         content = {"data_root": "images", "data_list": rows[k * cfg.shard_size:(k + 1) * cfg.shard_size]}
-        tmp.write_text(json.dumps(content, ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-        paths.append(path)
+        paths.append(write_json(out / name, content, ensure_ascii=False, indent=1))
     n_lines = sum(sum(1 for a in r["annotations"] if a.get("valid", True)) for r in rows)
     log.info("wrote %d images with %d text lines to %s (%s)", len(rows), n_lines, out,
              ", ".join(p.name for p in paths))

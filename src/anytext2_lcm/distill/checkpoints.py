@@ -19,15 +19,19 @@ Layout (``OUTPUT/checkpoints/``)::
 Write protocol (every rank calls :meth:`CheckpointManager.save`; there is no rank-0-only path that could leave the
 others waiting): rank 0 creates ``checkpoint-….tmp/``; every rank checks that its tensors are finite (a checkpoint
 never holds NaN/Inf) and writes its files, each fsynced; after a barrier rank 0 hashes every file, writes and
-fsyncs ``COMPLETE``, renames the folder to its final name, fsyncs the parent, and only then rotates (deletes the
-oldest complete checkpoints beyond ``keep_last``, never the newest; a deletion first removes ``COMPLETE`` so a
-half-deleted folder is never taken for a complete one) and removes stale ``.tmp`` folders. A crash at any point
-leaves the previous complete checkpoint untouched; discovery ignores folders without a valid ``COMPLETE``.
+fsyncs ``COMPLETE``, renames the folder to its final name, fsyncs the parent, verifies the new checkpoint in full,
+and only then rotates (deletes the oldest *usable* checkpoints beyond ``keep_last``, never the newest; checkpoints
+that do not verify never count toward ``keep_last`` and are never deleted; a deletion first renames the folder out
+of the checkpoint namespace, so a half-deleted folder is never taken for a checkpoint) and removes stale ``.tmp``
+folders. A crash at any point leaves the previous complete checkpoint untouched. Every file is written through
+:mod:`anytext2_lcm.atomic`.
 
 Loading uses ``safetensors`` for tensors and ``torch.load(weights_only=True)`` for the rest: a file that needs
 arbitrary unpickling is refused and nothing in it is executed. Before use, every file is checked against the size and
-sha256 recorded in ``COMPLETE``; ``resume latest`` falls back to the previous complete checkpoint (with a warning)
-when the newest one does not verify.
+sha256 recorded in ``COMPLETE``; ``resume latest`` falls back to the previous usable checkpoint (with a warning
+naming the rejected ones) when the newest one does not verify. Resume never discards work: when checkpoints exist
+but none verifies, ``latest`` stops with an error naming each one and why; ``resume fresh`` moves every existing
+checkpoint into ``previous-<time>/`` (ignored by discovery and rotation) and starts from step 0.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..atomic import commit_dir, fsync_dir, save_safetensors, torch_save, write_json
 from ..checkpoint import CheckpointError, safe_torch_load, sha256_file
 
 log = logging.getLogger(__name__)
@@ -85,19 +90,6 @@ def parse_name(name: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2) or 0)) if m else None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _tensors_in(obj: Any):
     if isinstance(obj, torch.Tensor):
         yield obj
@@ -123,19 +115,15 @@ def nonfinite_entries(payload: dict[str, Any]) -> list[str]:
 
 
 def _write_file(path: Path, obj: Any) -> None:
-    """Write one payload by its extension (.safetensors, .pt, .json) and fsync it."""
+    """Write one payload by its extension (.safetensors, .pt, .json), atomically and fsynced."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in obj.items()}, str(path))
+        save_safetensors(path, {k: v.detach().to("cpu").contiguous().clone() for k, v in obj.items()})
     elif path.suffix == ".pt":
-        torch.save(obj, path)
+        torch_save(path, obj)
     elif path.suffix == ".json":
-        path.write_text(json.dumps(obj, indent=1, sort_keys=True))
+        write_json(path, obj, indent=1, sort_keys=True)
     else:
         raise ValueError(f"{path.name}: unknown checkpoint file type (use .safetensors, .pt or .json)")
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def _noop() -> None:
@@ -167,6 +155,8 @@ class CheckpointManager:
         self.keep_last = int(keep_last)
         self.rank, self.world_size = rank, world_size
         self.barrier, self.all_ok, self.fault = barrier, all_ok, fault
+        self._verified: dict[str, tuple] = {}  # name -> _stamp of checkpoints this manager verified in full
+        self._warned: set[str] = set()
 
     def _phase(self, name: str) -> None:
         if self.fault is not None:
@@ -233,23 +223,19 @@ class CheckpointManager:
                 marker = {"format": FORMAT, "version": FORMAT_VERSION, "name": name, "step": step,
                           "micro_in_window": micro_in_window, "world_size": self.world_size,
                           "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
-                with open(tmp / MARKER, "w") as f:
-                    json.dump(marker, f, indent=1)
-                    f.flush()
-                    os.fsync(f.fileno())
-                _fsync_dir(tmp)
+                write_json(tmp / MARKER, marker, indent=1)
+                fsync_dir(tmp)
                 self._phase("marker_written")
-                if final.exists():  # the same position saved again (e.g. a resumed run): replace it atomically
-                    old = self.root / (name + ".old")
-                    if old.exists():
-                        shutil.rmtree(old)
-                    os.replace(final, old)
-                    os.replace(tmp, final)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, final)
-                _fsync_dir(self.root)
+                if final.exists():  # the same position again (a resumed run): replace it, set an unusable one aside
+                    try:
+                        self.check(final)
+                    except CheckpointError as e:
+                        log.warning("%s is unusable (%s): moved aside, not replaced", final.name, e)
+                        self._move_aside([final], f"rejected-{name}")
+                commit_dir(tmp, final)
                 self._phase("renamed")
+                self.verify(final, full=True)  # rotation deletes nothing until the new checkpoint verifies
+                self._verified[final.name] = _stamp(final)
                 self.rotate()
                 self._phase("rotated")
             except Exception as e:
@@ -309,54 +295,141 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: files not listed in the marker: {extra}")
         return marker
 
-    def latest(self) -> Path | None:
-        """The newest checkpoint that verifies; older ones are tried (with a warning) when a newer one fails."""
-        for info in reversed(self.complete()):
+    def existing(self) -> list[Path]:
+        """Every entry named like a checkpoint (complete, damaged or foreign), oldest first. Leftovers of
+        interrupted saves and deletions (``….tmp``, ``….old``, ``….trash-…``) are not checkpoints."""
+        if not self.root.is_dir():
+            return []
+        return sorted((p for p in self.root.iterdir() if parse_name(p.name) is not None),
+                      key=lambda p: parse_name(p.name))
+
+    def check(self, path: Path) -> None:
+        """Verify a checkpoint in full (sizes and sha256); a folder already verified by this manager and unchanged
+        since (same files, sizes and times) is not hashed again. Raises CheckpointError saying why it is unusable."""
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a folder")
+        stamp = _stamp(path)
+        if self._verified.get(path.name) != stamp:
+            self.verify(path, full=True)
+            self._verified[path.name] = stamp
+
+    def sort_out(self) -> tuple[list[Path], list[tuple[Path, str]]]:
+        """(usable checkpoints, [(unusable checkpoint, why)]), each oldest first."""
+        good, bad = [], []
+        for p in self.existing():
             try:
-                self.verify(info.path, full=True)
-                return info.path
+                self.check(p)
+                good.append(p)
             except CheckpointError as e:
-                log.warning("skipping checkpoint %s: %s", info.path, e)
+                bad.append((p, str(e)))
+        return good, bad
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint that verifies; older ones are tried (with a warning naming the newer ones and why)
+        when a newer one fails. None when the folder holds no checkpoint at all.
+
+        Raises:
+            CheckpointError: checkpoints exist but none verifies: each is named with the reason (nothing is
+                deleted; starting over needs ``checkpoint.resume=fresh``).
+        """
+        rejected = []
+        for p in reversed(self.existing()):
+            try:
+                self.check(p)
+            except CheckpointError as e:
+                rejected.append((p, str(e)))
+                continue
+            for q, why in rejected:
+                log.warning("skipping checkpoint %s: %s", q.name, why)
+            return p
+        if rejected:
+            raise CheckpointError(
+                f"checkpoint.resume=latest: none of the {len(rejected)} checkpoint(s) in {self.root} is usable ("
+                + "; ".join(why for _, why in reversed(rejected)) + "). Nothing was deleted: repair them, resume from "
+                "a folder (checkpoint.resume=PATH), or start over with checkpoint.resume=fresh (they are then moved "
+                "aside, not deleted)")
         return None
 
     # ---- rotation -----------------------------------------------------------------------------------------
 
     def rotate(self) -> list[Path]:
-        """Delete the oldest complete checkpoints beyond ``keep_last`` and leftovers of interrupted saves/deletes.
+        """Delete the oldest usable checkpoints beyond ``keep_last`` and leftovers of interrupted saves/deletes.
 
-        Only rank 0 calls this (inside :meth:`save`, after the new checkpoint is complete). The newest complete
-        checkpoint is never deleted. Returns the deleted folders.
+        Only rank 0 calls this (inside :meth:`save`, after the new checkpoint is complete and verified). Only
+        checkpoints that verify count toward ``keep_last``; unusable ones are never counted and never deleted (a
+        warning names them). The newest usable checkpoint is never deleted. Returns the deleted folders.
         """
+        good, bad = self.sort_out()
+        for p, why in bad:
+            if p.name not in self._warned:
+                self._warned.add(p.name)
+                log.warning("checkpoint %s is unusable and does not count toward keep_last=%d (left in place): %s",
+                            p.name, self.keep_last, why)
         deleted = []
-        done = self.complete()
-        for info in done[:max(len(done) - self.keep_last, 0)]:
-            _delete(info.path)
-            deleted.append(info.path)
-            log.info("rotation: deleted %s (keep_last=%d)", info.path.name, self.keep_last)
+        for p in good[:max(len(good) - self.keep_last, 0)]:
+            _delete(p)
+            self._verified.pop(p.name, None)
+            deleted.append(p)
+            log.info("rotation: deleted %s (keep_last=%d)", p.name, self.keep_last)
         for p in self.root.iterdir():
             if p.is_dir() and (p.name.endswith(".tmp") or ".trash" in p.name or p.name.endswith(".old")):
                 shutil.rmtree(p, ignore_errors=True)
-            elif p.is_dir() and parse_name(p.name) is not None and not (p / MARKER).is_file():
-                _delete(p)  # a folder whose deletion was interrupted after its marker went
         return deleted
+
+    def set_aside(self) -> Path | None:
+        """Move every checkpoint (usable or not) into ``previous-<time>/`` inside :attr:`root`, where discovery and
+        rotation do not look: a fresh start that loses nothing. Returns that folder (None: nothing to move)."""
+        found = self.existing()
+        if not found:
+            return None
+        dest = self._move_aside(found, "previous")
+        log.warning("checkpoint.resume=fresh: moved %d existing checkpoint(s) to %s (nothing deleted); starting from "
+                    "step 0", len(found), dest)
+        return dest
+
+    def _move_aside(self, paths: list[Path], label: str) -> Path:
+        """Move ``paths`` into a new folder ``LABEL-<time>`` of :attr:`root` (a name discovery ignores)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dest, n = self.root / f"{label}-{stamp}", 1
+        while dest.exists():
+            n += 1
+            dest = self.root / f"{label}-{stamp}-{n}"
+        dest.mkdir()
+        for p in paths:
+            os.replace(p, dest / p.name)
+            self._verified.pop(p.name, None)
+        fsync_dir(self.root)
+        return dest
 
     # ---- loading ------------------------------------------------------------------------------------------
 
     def resolve(self, resume: str | None) -> Path | None:
-        """The checkpoint to resume from: None for a fresh start, "latest" or a folder (verified in full)."""
+        """The checkpoint to resume from: None for a fresh start (``None``; ``"fresh"`` first moves the existing
+        checkpoints aside, :meth:`set_aside`), ``"latest"`` (:meth:`latest`) or a folder (verified in full)."""
         if resume is None:
             return None
         if resume == "latest":
             return self.latest()
+        if resume == "fresh":
+            self.set_aside()
+            return None
         path = Path(resume)
         self.verify(path, full=True)
         return path
 
 
+def _stamp(path: Path) -> tuple:
+    """What a folder holds, cheaply: (name, bytes, modification time) of every entry."""
+    out = []
+    for p in sorted(path.iterdir()):
+        st = p.stat()
+        out.append((p.name, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 def _delete(path: Path) -> None:
-    marker = path / MARKER
-    if marker.exists():
-        marker.unlink()  # from here on the folder is not a complete checkpoint, whatever happens below
+    """Rename the folder out of the checkpoint namespace first (atomic: a half-deleted folder is never taken for a
+    checkpoint, usable or not), then remove it."""
     trash = path.with_name(path.name + f".trash-{os.getpid()}")
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)

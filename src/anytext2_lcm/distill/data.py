@@ -19,8 +19,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.anyword import AnyWordDataset
-from ..data.collate import AnyWordCollate, AnyWordLoader, EpochSampler, SkipMonitor, worker_init
-from ..data.skips import SkipRecord
+from ..data.collate import AnyWordCollate, AnyWordLoader, EpochSampler, SkipMonitor, expand_batch, worker_init
+from ..data.skips import SkipRecord, TooManySkipsError
+
+STAND_IN_SEARCH = 4096
+"""Rows :func:`stand_in_batch` tries before it gives up."""
 
 
 class IndexedCollate:
@@ -72,3 +75,23 @@ def build_shard_loader(cfg, rank: int = 0, world_size: int = 1):
     dataset = ShardDataset(cfg.data, shards)
     monitor = SkipMonitor(cfg.data.max_skip_rate, min(cfg.data.min_items_for_skip_rate, max(len(dataset), 1)))
     return ShardLoader(dataset, _data_loader(cfg, dataset, streams), streams, monitor)
+
+
+def stand_in_batch(loader: AnyWordLoader, epoch: int) -> dict:
+    """A one-sample batch of the first usable row of the data, read outside the loader's order (its position and
+    skip counts do not move). The trainer runs it with weight 0 when a rank's micro-batch had no usable sample and
+    none came before it: the rank still joins DDP's collectives and adds nothing to the gradients.
+
+    Raises:
+        TooManySkipsError: none of the first :data:`STAND_IN_SEARCH` rows is usable.
+    """
+    ds = loader.dataset
+    for i in range(min(len(ds), STAND_IN_SEARCH)):
+        item = ds[(epoch, i)]
+        if not isinstance(item, SkipRecord):
+            batch = loader.loader.collate_fn([item])
+            if batch.get("compact") or loader.device is not None:
+                batch = expand_batch(batch, loader.device)
+            return batch
+    raise TooManySkipsError(f"data: none of the first {min(len(ds), STAND_IN_SEARCH)} rows is usable (every one was "
+                            f"skipped); run `anytext2-lcm validate-data` on the annotation files")

@@ -43,6 +43,8 @@ class TrainState:
     """Steps skipped because the loss or the gradients were not finite (total)."""
     consecutive_nonfinite: int = 0
     """Such steps in a row, up to now."""
+    empty_steps: int = 0
+    """Steps skipped because none of their samples was usable on any rank (all skipped by the data reader)."""
     overflow_steps: int = 0
     """fp16 steps the gradient scaler skipped (overflow; expected occasionally, the scale backs off)."""
     samples_seen: int = 0

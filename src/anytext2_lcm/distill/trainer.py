@@ -32,7 +32,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from typing import Callable
 
 import torch
 
+from ..atomic import write_text
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..data.skips import TooManySkipsError
@@ -50,9 +50,9 @@ from .checkpoints import CheckpointManager, CheckpointReader, checkpoint_name
 from .components import (StopSignals, build_teacher, enable_gradient_checkpointing, flatten, load_trainable,
                          make_optimizer, teacher_fingerprint, trainable_state)
 from .config import TrainConfig, dump_yaml
-from .data import build_loader
-from .decoder import DecoderMethod
+from .data import build_loader, stand_in_batch
 from .elastic import BATCH_KEYS, load_init_adapter, load_moved, resume_accumulation, structure_diff
+from .decoder import DecoderMethod
 from .lcm import LCMMethod
 from .pcm import PCMMethod
 from .recognizer import OCRMethod
@@ -166,13 +166,14 @@ class Trainer:
         """The checkpoint to resume from (None: fresh start), checked against this run's structure and teacher."""
         resume = self.cfg.checkpoint.resume
         if resume is None:
-            if self.ckpt.complete():
+            if self.ckpt.existing():
                 raise ConfigError(f"checkpoint.resume=None: {self.ckpt.root} already holds checkpoints; pass "
-                                  f"checkpoint.resume=latest to continue that run, or choose another output_dir")
+                                  f"checkpoint.resume=latest to continue that run, checkpoint.resume=fresh to start "
+                                  f"over (they are moved aside, not deleted), or choose another output_dir")
             return None
-        path = self.ckpt.resolve(resume)
+        path = self.ckpt.resolve(resume)  # latest: raises naming each checkpoint when none is usable
         if path is None:
-            log.info("checkpoint.resume=latest: no complete checkpoint in %s, starting fresh", self.ckpt.root)
+            log.info("checkpoint.resume=%s: no checkpoint to continue in %s, starting fresh", resume, self.ckpt.root)
             return None
         saved = CheckpointReader(path).json("train_state.json")
         diff = structure_diff(saved["structure"], {**self.cfg.structure(), "world_size": self.world})
@@ -250,7 +251,7 @@ class Trainer:
             self.loader.set_epoch(0)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(dump_yaml(cfg))
+            write_text(self.out / "config.yaml", dump_yaml(cfg))
             self._truncate_metrics()
         if cfg.logging.tensorboard:
             flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
@@ -322,20 +323,21 @@ class Trainer:
     # ---- logging ------------------------------------------------------------------------------------------
 
     def _truncate_metrics(self) -> None:
-        """Drop metrics.jsonl lines beyond the resumed step (they came from a run that died after its checkpoint)."""
+        """Move metrics.jsonl lines beyond the resumed step (from a run that died after its checkpoint, or all of a
+        previous run's on a fresh start) to ``metrics.dropped.jsonl``: the log continues from this run's step."""
         f = self.out / "metrics.jsonl"
         if not f.exists():
             return
-        keep = []
+        keep, drop = [], []
         for ln in f.read_text().splitlines():
             try:
-                if json.loads(ln)["step"] <= self.state.global_step:
-                    keep.append(ln)
+                (keep if json.loads(ln)["step"] <= self.state.global_step else drop).append(ln)
             except (json.JSONDecodeError, KeyError, TypeError):
                 pass  # a line torn by a kill
-        tmp = f.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, f)
+        if drop:
+            with open(self.out / "metrics.dropped.jsonl", "a") as d:
+                d.write("".join(ln + "\n" for ln in drop))
+        write_text(f, "".join(ln + "\n" for ln in keep))
 
     def _log(self, scalars: dict[str, float]) -> None:
         step = self.state.global_step
@@ -415,6 +417,8 @@ class Trainer:
                     continue
                 except TooManySkipsError as e:
                     batch, abort = None, str(e)
+                if batch is not None and not batch["texts"] and self._stash is None:
+                    abort = self._prepare_stand_in()
                 if self._reduce([1.0 if abort else 0.0], "max")[0]:
                     raise TooManySkipsError(abort or "the data reader skipped too many samples on another rank")
                 self._micro_step(batch, ga)
@@ -441,6 +445,18 @@ class Trainer:
             if bar is not None:
                 bar.close()
 
+    def _prepare_stand_in(self) -> str:
+        """An all-skipped micro-batch came before any usable one: stash a stand-in batch read from the data (run
+        with weight 0 by :meth:`_micro_step`). Returns "" or why the run must stop (every rank agrees on it next)."""
+        s, acc = self.state, self.accelerator
+        try:
+            with acc.autocast():
+                self._stash = self.method.prepare(self.model, stand_in_batch(self.loader, s.epoch),
+                                                  self.cfg.train.seed, s.epoch, acc.device)
+        except TooManySkipsError as e:
+            return str(e)
+        return ""
+
     def _micro_step(self, batch: dict, ga: int) -> None:
         cfg, acc, s, w = self.cfg, self.accelerator, self.state, self.window
         kept = len(batch["texts"])
@@ -453,11 +469,9 @@ class Trainer:
                     tb = self.method.prepare(self.model, batch, cfg.train.seed, s.epoch, acc.device)
                     self._stash = tb
                 else:
-                    # Every sample was skipped: run the last good batch with weight 0, so that this rank still
-                    # joins the gradient all-reduce of DDP and adds nothing to it.
-                    tb = self._stash
-                    if tb is None:
-                        raise TooManySkipsError("the first micro-batch of this process had no usable sample")
+                    # Every sample was skipped: run the last good batch (before any, a stand-in read from the data)
+                    # with weight 0, so that this rank still joins DDP's collectives and adds nothing to them.
+                    tb = self._stash  # (set by _loop before the data-abort agreement)
                 out = self.method.step(self.net, self.model, tb)
                 loss = out.loss
                 if s.global_step + 1 in cfg.debug.nonfinite_loss_at_steps:
@@ -479,8 +493,15 @@ class Trainer:
         norm = acc.clip_grad_norm_(self.params, max_norm)
         norm = float(norm) if norm is not None else 0.0
         loss_bad, grad_bad = self._reduce([float(w.nonfinite), float(not math.isfinite(norm))], "max")
+        loss_sum, count, samples, skipped = self._reduce([w.loss_sum, w.loss_count, w.samples, w.skipped], "sum")
         lr = self.scheduler.get_last_lr()[0]
-        if loss_bad or (grad_bad and acc.scaler is None):
+        if not samples:  # every sample of the window was skipped, on every rank: nothing to learn from
+            if acc.scaler is not None:
+                acc.scaler.update()
+            s.empty_steps += 1
+            log.warning("step %d skipped: none of its %d samples was usable (all skipped by the data reader); no "
+                        "update (%d such steps in all)", s.global_step + 1, int(skipped), s.empty_steps)
+        elif loss_bad or (grad_bad and acc.scaler is None):
             if acc.scaler is not None:
                 acc.scaler.update()  # clip_grad_norm_ unscaled (and recorded Inf); close the scaler's iteration
             s.nonfinite_steps += 1
@@ -497,7 +518,6 @@ class Trainer:
             s.consecutive_nonfinite = 0
         self.optimizer.zero_grad(set_to_none=True)
         s.global_step += 1
-        loss_sum, count, samples, skipped = self._reduce([w.loss_sum, w.loss_count, w.samples, w.skipped], "sum")
         s.samples_seen += int(samples)
         s.skipped_samples += int(skipped)
         self.window = WindowState()
@@ -510,7 +530,8 @@ class Trainer:
                 f"{s.global_step}. The weights were not updated by those steps; the last checkpoint is clean. "
                 f"Lower optim.learning_rate, use bf16 instead of fp16, or inspect the data.")
         return {"loss": step_loss, "lr": lr, "grad_norm": norm, "skipped_samples": float(s.skipped_samples),
-                "nonfinite_steps": float(s.nonfinite_steps), "overflow_steps": float(s.overflow_steps)}
+                "nonfinite_steps": float(s.nonfinite_steps), "empty_steps": float(s.empty_steps),
+                "overflow_steps": float(s.overflow_steps)}
 
 
 def train(cfg: TrainConfig, fault: Callable[[str], None] | None = None,

@@ -28,9 +28,10 @@ def default_prompts(size: int) -> list[dict]:
 def render_validation(model, cfg, out_dir: Path, step: int) -> dict[str, np.ndarray]:
     """Render every (prompt, step count) pair; returns name → (H, W, 3) uint8 and writes PNGs."""
     import torch
-    from PIL import Image
 
+    from ..atomic import save_image
     from ..generation import GenerationRequest, Generator
+    from ..pipeline import NonFiniteError
 
     v = cfg.validation
     prompts = [{"prompt": p.prompt, "positions": p.positions} for p in v.prompts] or default_prompts(v.image_size)
@@ -49,9 +50,13 @@ def render_validation(model, cfg, out_dir: Path, step: int) -> dict[str, np.ndar
                                         width=v.image_size, seed=v.seed, steps=n, sampler=v.sampler,
                                         sampler_options=options, cfg_scale=v.cfg_scale, a_prompt=cfg.distill.a_prompt,
                                         n_prompt=cfg.distill.n_prompt)
-                img = gen(req).images[0]
                 name = f"{i}_{v.sampler}{n}"
-                Image.fromarray(img).save(folder / f"{name}.png")
+                try:
+                    img = gen(req).images[0]
+                except NonFiniteError as e:  # a diverged student: reported, the training goes on
+                    log.warning("validation image %s at step %d not written: %s", name, step, e)
+                    continue
+                save_image(folder / f"{name}.png", img)
                 images[name] = img
     log.info("validation: %d images in %s", len(images), folder)
     return images

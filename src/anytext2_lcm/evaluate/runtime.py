@@ -155,24 +155,14 @@ def resolve_runtime_args(args, device: torch.device, fallback_decoder: str | Non
 
     ``--fast`` sets ``args.dtype`` (when "auto") to :func:`fast_dtype` and ``args.tiny_decoder`` (when not given) to
     the model's own light decoder (:func:`light_decoder_beside`), else ``fallback_decoder``; without either the full
-    decoder stays, with a warning. A ``--tiny-decoder`` file must exist and be a light-decoder / ``AutoencoderTiny``
-    safetensors file (its fit to the model is checked when it is loaded).
+    decoder stays, with a warning. The decoder is then checked (:func:`check_tiny_decoder`; its fit to the model is
+    checked when it is loaded).
 
     Raises:
-        FileNotFoundError, LightDecoderError: a one-line error for the command line (exit 2).
+        FileNotFoundError, CheckpointError: a one-line error for the command line (exit 2).
     """
     _apply_fast(args, device, fallback_decoder)
-    spec = getattr(args, "tiny_decoder", None)
-    if spec not in (None, "random"):
-        from pathlib import Path
-
-        from ..light_decoder import read_light_decoder
-
-        if not Path(spec).exists():
-            raise FileNotFoundError(f"--tiny-decoder {spec}: no such file or folder (a file from `anytext2-lcm "
-                                    f"train-decoder`, a diffusers AutoencoderTiny folder, or 'random')")
-        if Path(spec).is_file():
-            read_light_decoder(spec)
+    check_tiny_decoder(getattr(args, "tiny_decoder", None))
 
 
 def _apply_fast(args, device: torch.device, fallback_decoder: str | None) -> None:
@@ -212,7 +202,39 @@ def add_runtime_args(p) -> None:
                         "one batch of two: less activation memory, usually slower")
 
 
+def check_tiny_decoder(spec: str | None) -> None:
+    """Check a ``--tiny-decoder`` before any model is loaded: a missing path, a pickle (refused, never unpickled),
+    a file without ``decoder.*`` tensors or with NaN/Inf weights is a one-line CheckpointError / FileNotFoundError.
+    'random' and None pass."""
+    from pathlib import Path
+
+    from ..checkpoint import CheckpointError, require_finite
+
+    if spec is None or spec == "random":
+        return
+    p = Path(spec)
+    if not p.exists():
+        raise FileNotFoundError(f"--tiny-decoder {p} does not exist (a light-decoder file, a diffusers "
+                                "AutoencoderTiny folder, or 'random')")
+    if p.is_dir():
+        p = p / "diffusion_pytorch_model.safetensors"
+        if not p.is_file() or not (p.parent / "config.json").is_file():
+            raise CheckpointError(f"--tiny-decoder {p.parent}: a diffusers folder needs config.json and "
+                                  "diffusion_pytorch_model.safetensors (pickled .bin weights are refused)")
+    from ..light_decoder import LightDecoderError, read_light_decoder
+
+    try:
+        state = read_light_decoder(p)[0]
+    except LightDecoderError as e:
+        raise CheckpointError(f"--tiny-decoder {e}") from None
+    if not any(k.startswith("decoder.") for k in state):
+        raise CheckpointError(f"--tiny-decoder {p}: no decoder.* tensors: not an AutoencoderTiny / light decoder")
+    require_finite(state, f"--tiny-decoder {p}")
+
+
 def runtime_from_args(args) -> RuntimeOptions:
+    """The options of the command line; the tiny decoder is checked here, before any model is loaded."""
+    check_tiny_decoder(args.tiny_decoder)
     return RuntimeOptions(channels_last=args.channels_last, vae_dtype=args.vae_dtype,
                           writenet_dtype=args.writenet_dtype, tiny_decoder=args.tiny_decoder, compile=args.compile,
                           offload=args.offload, separate_cfg=args.separate_cfg)
@@ -277,6 +299,9 @@ def build_tiny_decoder(spec: str, device: torch.device, dtype: torch.dtype, mode
             raise FileNotFoundError(f"tiny decoder {p} does not exist (a light-decoder file from train-decoder, a "
                                     "diffusers AutoencoderTiny folder, or 'random')")
     tiny.encoder = None  # only the decoder is used; frees its memory
+    from ..checkpoint import require_finite
+
+    require_finite(tiny.state_dict(), f"tiny decoder {spec}")
     return moved(tiny, device, dtype)
 
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
 from collections import Counter, OrderedDict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, safe_torch_load, tensor_dict, to_original
+from ..atomic import atomic_dir, save_safetensors, torch_save, write_json
+from ..checkpoint import CheckpointError, require_finite, safe_torch_load, tensor_dict, to_original
 from ..config import ConfigError
 from .adapters import _freeze_to_lora, _is_meta, adapter_names, lora_layers, set_lora_scale
 from .inventory import ModuleInfo, _base_of, module_table
@@ -57,33 +56,6 @@ def _config_json(config) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def _atomic_dir(out: Path) -> Path:
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _commit_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(out.name + f".old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-
-
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 def save_lora(model: nn.Module, path: str | Path, adapter_name: str = "default", scale: float = 1.0,
               metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Save the adapter: a PEFT folder, or one file when ``path`` ends in ``.safetensors``.
@@ -104,14 +76,13 @@ def save_lora(model: nn.Module, path: str | Path, adapter_name: str = "default",
     if path.suffix == ".safetensors":
         meta = {"format": ADAPTER_FORMAT, "version": "1", "peft_config": json.dumps(_config_json(config))}
         meta.update(metadata or {})
-        _save_safetensors(sd, path, meta)
+        save_safetensors(path, sd, meta)
         return path
-    tmp = _atomic_dir(path)
-    _save_safetensors({PEFT_PREFIX + k: v for k, v in sd.items()}, tmp / ADAPTER_WEIGHTS[0], {"format": "pt"})
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(_config_json(config), indent=2, sort_keys=True))
-    if metadata:
-        (tmp / STUDENT_INFO).write_text(json.dumps(_decode_info(metadata), indent=2, sort_keys=True))
-    _commit_dir(tmp, path)
+    with atomic_dir(path) as tmp:
+        save_safetensors(tmp / ADAPTER_WEIGHTS[0], {PEFT_PREFIX + k: v for k, v in sd.items()}, {"format": "pt"})
+        write_json(tmp / ADAPTER_CONFIG, _config_json(config), indent=2, sort_keys=True)
+        if metadata:
+            write_json(tmp / STUDENT_INFO, _decode_info(metadata), indent=2, sort_keys=True)
     return path
 
 
@@ -191,6 +162,21 @@ def _read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     return tensor_dict(sd, path), config
 
 
+def check_adapter_file(path: str | Path) -> None:
+    """Check an adapter without a model, before one is loaded: readable, safe (a pickle that needs code is refused,
+    not run), LoRA A/B (or kohya) weights, all finite. Whether it fits the model is checked by :func:`load_lora`.
+
+    Raises:
+        FileNotFoundError / CheckpointError: the message names the file and what is wrong.
+    """
+    raw, _ = _read_adapter(Path(path))
+    if not raw:
+        raise CheckpointError(f"{path}: holds no LoRA weights")
+    require_finite(raw, str(path))
+    if not any(_KOHYA_KEY.match(k) for k in raw):
+        _group_peft_keys(raw, str(path))
+
+
 def _expected_shapes(m: ModuleInfo, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if m.kernel is None:
         return (r, m.in_features), (m.out_features, r)
@@ -238,6 +224,7 @@ def load_lora(model: nn.Module, path: str | Path, adapter_name: str = "default",
     if adapter_name in adapter_names(model):
         raise CheckpointError(f"{source}: the model already has an adapter named {adapter_name!r}")
     raw, config_dict = _read_adapter(path)
+    require_finite(raw, source)
     table = module_table(model)
     by_name = {m.name: m for m in table}
     if any(_KOHYA_KEY.match(k) for k in raw):
@@ -378,12 +365,9 @@ def export_merged(model: nn.Module, path: str | Path, dtype: torch.dtype | None 
     sd = to_original(merged_state_dict(model, dtype), model.cfg)
     sd = OrderedDict((k, v.contiguous().cpu()) for k, v in sd.items())
     if path.suffix == ".safetensors":
-        _save_safetensors(sd, path, {"format": "pt", "layout": "anytext2-original", "model": str(model.cfg.name)})
+        save_safetensors(path, sd, {"format": "pt", "layout": "anytext2-original", "model": str(model.cfg.name)})
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        torch.save({"state_dict": sd}, tmp)
-        os.replace(tmp, path)
+        torch_save(path, {"state_dict": sd})
     return path
 
 

@@ -15,7 +15,8 @@ import torch.nn as nn
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from .adapters import lora_layers
-from .files import _KOHYA_KEY, _save_safetensors, export_merged, save_lora
+from ..atomic import save_safetensors
+from .files import _KOHYA_KEY, export_merged, save_lora
 from .inventory import _TRUNK_PARTS, NETWORKS, ModuleInfo, module_table
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,8 @@ def export_kohya(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         log.warning("kohya export: %d of %d LoRA modules (AttnX / WriteNet) have no counterpart in AnyText2's "
                     "ms_wrapper merge (a plain SD-1.5 UNet); it would skip them. Use the merged checkpoint export "
                     "for AnyText2's tools.", skipped, mergeable + skipped)
-    _save_safetensors(tensors, path, {"format": "pt", "ss_network_module": "networks.lora",
-                                      "anytext2_lcm_format": "kohya"})
+    save_safetensors(path, tensors, {"format": "pt", "ss_network_module": "networks.lora",
+                                     "anytext2_lcm_format": "kohya"})
     return {"modules": mergeable + skipped, "ms_wrapper_mergeable": mergeable, "skipped_by_ms_wrapper": skipped}
 
 

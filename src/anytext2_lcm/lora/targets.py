@@ -170,12 +170,9 @@ def targets_document(model: nn.Module, targets: str | Sequence[str] = "lcm", zer
 
 def write_targets(path: str | Path, doc: dict) -> Path:
     """Write a targets document (see ``targets_document``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
-    return path
+    from ..atomic import write_json
+
+    return write_json(path, doc, indent=1)
 
 
 def read_targets(path: str | Path) -> list[str]:
