@@ -549,16 +549,7 @@ def from_original_yaml(path: str | Path) -> ModelConfig:
             raise ConfigError(f"{path}: embedding_manager_config.{k}={em[k]!r} is not supported (AnyText2 uses {want!r})")
 
     def trunk(d: dict, name: str) -> dict:
-        if d.get("legacy", False):
-            raise ConfigError(f"{path}: {name}.legacy=True is not supported (AnyText2 uses legacy: False)")
-        if d.get("num_head_channels", -1) not in (-1, None):
-            raise ConfigError(f"{path}: {name}.num_head_channels is not supported; use num_heads")
-        if d.get("use_linear_in_transformer", False):
-            raise ConfigError(f"{path}: {name}.use_linear_in_transformer=True is not supported")
-        return dict(model_channels=d["model_channels"], channel_mult=tuple(d["channel_mult"]),
-                    num_res_blocks=d["num_res_blocks"], attention_resolutions=tuple(d["attention_resolutions"]),
-                    num_heads=d["num_heads"], transformer_depth=d.get("transformer_depth", 1),
-                    context_dim=d["context_dim"])
+        return _yaml_trunk(d, name, path)
 
     unet = UNetConfig(in_channels=u.get("in_channels", 4), out_channels=u.get("out_channels", 4), **trunk(u, "unet_config"),
                       input_attnx=bool(u.get("input_attnx", False)), mid_attnx=bool(u.get("mid_attnx", False)),
@@ -578,19 +569,7 @@ def from_original_yaml(path: str | Path) -> ModelConfig:
                                                    "num_hidden_layers", "num_attention_heads",
                                                    "max_position_embeddings", "hidden_act", "layer_norm_eps")
                          if k in clip_over})
-    rec = over.get("ocr_recognizer_RecModel")
-    if rec:
-        bb, nk, hd = rec.get("backbone", {}), rec.get("neck", {}), rec.get("head", {})
-        ocr_kwargs = dict(backbone_scale=bb.get("scale", 0.5), last_conv_stride=tuple(bb.get("last_conv_stride", (1, 2))),
-                          last_pool_type=bb.get("last_pool_type", "avg"), neck_dims=nk.get("dims", 64),
-                          neck_depth=nk.get("depth", 2), neck_hidden_dims=nk.get("hidden_dims", 120),
-                          neck_use_guide=bool(nk.get("use_guide", True)), num_classes=hd.get("out_channels", 6625))
-    else:
-        ocr_kwargs = {}
-    if "rec_image_shape" in over:
-        ocr_kwargs["image_shape"] = tuple(int(v) for v in str(over["rec_image_shape"]).split(","))
-    if "rec_batch_num" in over:
-        ocr_kwargs["batch_size"] = int(over["rec_batch_num"])
+    ocr_kwargs = _yaml_ocr_overrides(over)
     token_dim = int(over.get("embedding_manager_token_dim", 768))
     embedding = TextEmbeddingConfig(token_dim=token_dim, add_pos=bool(em.get("add_pos", False)),
                                     add_style_ocr=bool(em.get("add_style_ocr", False)),
@@ -607,10 +586,46 @@ def from_original_yaml(path: str | Path) -> ModelConfig:
                        font_ocr=OCRConfig(**ocr_kwargs), embedding=embedding, diffusion=diffusion, image_size=image_size)
 
 
-def check_image_size(height: int, width: int, multiple: int = 64, what: str = "size") -> None:
-    """Reject image sizes the network cannot take (not a positive multiple of ``multiple``)."""
-    for name, v in (("height", height), ("width", width)):
-        if not isinstance(v, int) or v <= 0 or v % multiple:
-            raise ConfigError(f"{what}.{name}={v!r}: must be a positive multiple of {multiple}")
+def _yaml_trunk(d: dict, name: str, path: Path) -> dict:
+    """The UNet/WriteNet trunk fields of an original yaml section, refusing the variants not implemented here."""
+    if d.get("legacy", False):
+        raise ConfigError(f"{path}: {name}.legacy=True is not supported (AnyText2 uses legacy: False)")
+    if d.get("num_head_channels", -1) not in (-1, None):
+        raise ConfigError(f"{path}: {name}.num_head_channels is not supported; use num_heads")
+    if d.get("use_linear_in_transformer", False):
+        raise ConfigError(f"{path}: {name}.use_linear_in_transformer=True is not supported")
+    return dict(model_channels=d["model_channels"], channel_mult=tuple(d["channel_mult"]),
+                num_res_blocks=d["num_res_blocks"], attention_resolutions=tuple(d["attention_resolutions"]),
+                num_heads=d["num_heads"], transformer_depth=d.get("transformer_depth", 1),
+                context_dim=d["context_dim"])
+
+
+def _yaml_ocr_overrides(over: dict) -> dict:
+    """``OCRConfig`` fields from a fixture yaml's ``tiny_overrides`` (the recogniser the original hard-codes)."""
+    rec = over.get("ocr_recognizer_RecModel")
+    out: dict[str, Any] = {}
+    if rec:
+        bb, nk, hd = rec.get("backbone", {}), rec.get("neck", {}), rec.get("head", {})
+        out = dict(backbone_scale=bb.get("scale", 0.5), last_conv_stride=tuple(bb.get("last_conv_stride", (1, 2))),
+                   last_pool_type=bb.get("last_pool_type", "avg"), neck_dims=nk.get("dims", 64),
+                   neck_depth=nk.get("depth", 2), neck_hidden_dims=nk.get("hidden_dims", 120),
+                   neck_use_guide=bool(nk.get("use_guide", True)), num_classes=hd.get("out_channels", 6625))
+    if "rec_image_shape" in over:
+        out["image_shape"] = tuple(int(v) for v in str(over["rec_image_shape"]).split(","))
+    if "rec_batch_num" in over:
+        out["batch_size"] = int(over["rec_batch_num"])
+    return out
+
+
+SIZE_MULTIPLE = 64
+"""Image sides a setting may name before a model is known: multiples of 64 suit every preset (sd15 needs 64, tiny
+32, testbed 16; ``ModelConfig.size_multiple``). With a model at hand, its own multiple is the rule."""
+
+
+def check_image_size(value: Any, name: str, multiple: int = SIZE_MULTIPLE) -> None:
+    """Reject an image side the networks cannot take: not a positive integer multiple of ``multiple``
+    (:class:`ConfigError` naming ``name``)."""
+    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0 and value % multiple == 0, name,
+           value, f"must be a positive multiple of {multiple}")
 
 

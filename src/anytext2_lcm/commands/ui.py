@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _ui(args) -> int:
     from ..cli import UsageError
+    from ..config import ConfigError, check_image_size
 
     try:
         import gradio  # noqa: F401
@@ -41,8 +42,11 @@ def _ui(args) -> int:
         raise UsageError("the UI needs Gradio: pip install 'anytext2-lcm[ui]' (or `make setup`)") from None
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up probes
-    if args.size is not None and (args.size < 64 or args.size % 64):
-        raise UsageError(f"--size {args.size}: a multiple of 64")
+    if args.size is not None:
+        try:
+            check_image_size(args.size, "--size")
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
     port = args.port if args.port else _free_port(args.host)
     _check_port(args.host, port)  # before the model is loaded: fail fast
     from .common import check_model_inputs

@@ -54,7 +54,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..config import MAX_SEED, ConfigError, is_seed
+from ..config import MAX_SEED, ConfigError, check_image_size, is_seed
 from .augment import random_position_mask, training_font_hint
 from .fonts import FontLibrary, FontSpec, font_language
 from .glyphs import (DegeneratePolygonError, UNSPECIFIED_COLOR, cached_line_renderer, paint_in_polygon,
@@ -163,8 +163,7 @@ class DataConfig:
                    f.name, v, "must be finite" if f.name != "wm_thresh" else "must be a number (inf: keep every row)")
         _check(isinstance(self.allow_absolute_paths, bool), "allow_absolute_paths", self.allow_absolute_paths,
                "must be true or false")
-        _check(isinstance(self.image_size, int) and self.image_size >= 64 and self.image_size % 64 == 0,
-               "image_size", self.image_size, "must be a positive multiple of 64")
+        check_image_size(self.image_size, "data.image_size")
         _check(isinstance(self.max_lines, int) and self.max_lines >= 1, "max_lines", self.max_lines, "must be >= 1")
         _check(isinstance(self.max_chars, int) and self.max_chars >= 1, "max_chars", self.max_chars, "must be >= 1")
         _check(self.glyph_scale in (1, 2), "glyph_scale", self.glyph_scale, "must be 1 or 2")

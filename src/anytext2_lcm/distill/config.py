@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import MAX_SEED, PRESETS, ConfigError, _check, build_dataclass, is_seed
+from ..config import MAX_SEED, PRESETS, ConfigError, _check, build_dataclass, check_image_size, is_seed
 from ..data.anyword import DataConfig
 from ..lora import LoraSpec
 from ..defaults import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
@@ -479,8 +479,7 @@ class ValidationSection:
         self.steps = tuple(steps)
         _check(_is_num(self.cfg_scale) and self.cfg_scale > 0, "validation.cfg_scale", self.cfg_scale, "must be > 0")
         _check(is_seed(self.seed), "validation.seed", self.seed, f"must be an integer in 0..{MAX_SEED}")
-        _check(_is_int(self.image_size) and self.image_size >= 64 and self.image_size % 64 == 0,
-               "validation.image_size", self.image_size, "must be a positive multiple of 64")
+        check_image_size(self.image_size, "validation.image_size")
         _check(isinstance(self.prompts, list), "validation.prompts", self.prompts, "must be a list")
         self.prompts = [p if isinstance(p, ValidationPrompt) else build_dataclass(ValidationPrompt, p, "validation.prompts")
                         for p in self.prompts]

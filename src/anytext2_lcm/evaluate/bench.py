@@ -85,12 +85,11 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from ..config import ConfigError
+        from ..config import ConfigError, check_image_size
 
         self.teacher_steps = tuple(int(s) for s in self.teacher_steps)
         self.student_steps = tuple(int(s) for s in self.student_steps)
-        if self.size <= 0 or self.size % 64:
-            raise ConfigError(f"bench.size={self.size}: a positive multiple of 64")
+        check_image_size(self.size, "bench.size")
         if self.repeats < 1:
             raise ConfigError(f"bench.repeats={self.repeats}: must be >= 1")
         if not self.teacher_steps or not self.student_steps or min(self.teacher_steps + self.student_steps) < 1:

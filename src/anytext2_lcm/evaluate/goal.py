@@ -61,11 +61,11 @@ class GoalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from ..config import ConfigError
+        from ..config import SIZE_MULTIPLE, ConfigError
 
         self.sizes, self.options = tuple(int(s) for s in self.sizes), tuple(self.options)
         self.like_for_like, self.student_steps = tuple(self.like_for_like), tuple(int(s) for s in self.student_steps)
-        if not self.sizes or any(s <= 0 or s % 64 for s in self.sizes):
+        if not self.sizes or any(not isinstance(s, int) or s <= 0 or s % SIZE_MULTIPLE for s in self.sizes):
             raise ConfigError(f"bench.sizes={list(self.sizes)}: positive multiples of 64")
         if self.repeats < 1:
             raise ConfigError(f"bench.repeats={self.repeats}: must be >= 1")

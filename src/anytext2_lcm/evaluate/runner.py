@@ -388,70 +388,18 @@ def evaluate(model, cfg: EvalConfig, out: str | os.PathLike, reader=None, runtim
     per_sample = [{"index": s.index, "name": s.name, "seed": s.seed, "caption": s.caption,
                    "texts": [ln.text for ln in s.lines], "languages": [ln.language for ln in s.lines],
                    "reads": {}, "psnr": {}, "ssim": {}, "latent_mse": {}, "failed": {}} for s in samples]
-    teacher_latents: dict[int, torch.Tensor] = {}
-    h = w = cfg.size // model.cfg.latent_factor
-    C = model.cfg.unet.in_channels
+    ctx = _Context(gen, cfg, out, reader, model.cfg.unet.in_channels, cfg.size // model.cfg.latent_factor)
     merged = False
-    charset = reader.charset
-
     for spec in specs:
         if spec.lora and has_lora and merge_lora_for_students and not merged and spec.adapter is None:
             L.merge_lora(model)
             merged = True
-        img_dir = out / "images" / spec.folder
-        img_dir.mkdir(parents=True, exist_ok=True)
-        rec = records[spec.name]
         with _lora_context(model, spec):
-            if cfg.warmup:
-                # untimed, one step at the same shapes: first-call allocations, the blank-image posterior
-                warm = _request(samples[0], spec, cfg)
-                warm.steps = 1
-                try:
-                    gen(warm, x_T=initial_noise(samples[0].seed, cfg.images_per_prompt, C, h, w))
-                except InputError:
-                    pass  # the sample itself reports the error below
-            for s, rec_s in zip(samples, per_sample):
-                try:
-                    req = _request(s, spec, cfg)
-                    res = gen(req, x_T=initial_noise(s.seed, cfg.images_per_prompt, C, h, w))
-                except InputError as e:
-                    rec.failed += 1
-                    rec_s["failed"][spec.name] = str(e)
-                    log.warning("%s, sample %s: %s", spec.name, s.name, e)
-                    continue
-                n_img = len(res.images)
-                rec.seconds.append(res.seconds["total"] / n_img)
-                for k, v in res.seconds.items():
-                    rec.phases[k].append(v / n_img)
-                for k, img in enumerate(res.images):
-                    if spec.name == "teacher" or cfg.save_student_images:
-                        save_image(img_dir / f"{s.index:05d}_{k}.png", img)
-                if spec.name == "teacher":
-                    gdir = out / "images" / "glyphs"
-                    gdir.mkdir(parents=True, exist_ok=True)
-                    # glyphs are drawn in the line colours (black text is nearly invisible): show them white
-                    prev = np.where(res.glyph_preview.max(-1, keepdims=True) > 0, 255, 0).astype(np.uint8)
-                    save_image(gdir / f"{s.index:05d}.png", np.repeat(prev, 3, axis=2))
-                    teacher_latents[s.index] = res.latents.float().cpu()
-                else:
-                    _fidelity(rec, rec_s, spec, res, out / "images" / "teacher", s.index,
-                              teacher_latents.get(s.index))
-                t0 = time.perf_counter()
-                masks = _masks([ln.polygon for ln in s.lines], cfg.size)
-                reads = [reader.read_lines(img, masks) for img in res.images]
-                rec.ocr_seconds += time.perf_counter() - t0
-                rec_s["reads"][spec.name] = reads
-                for r in reads:
-                    rec.preds += r
-                    rec.gts += [ln.text for ln in s.lines]
-                    rec.langs += [ln.language for ln in s.lines]
-                if progress:
-                    log.info("%s sample %d/%d (%s): %.2f s/image, read %s", spec.name, s.index + 1, len(samples),
-                             s.name, rec.seconds[-1], reads[0])
+            _run_spec(ctx, spec, records[spec.name], samples, per_sample, progress)
     if merged:
         L.unmerge_lora(model)
 
-    summaries = [_summarise(records[s.name], charset, records["teacher"]) for s in specs]
+    summaries = [_summarise(records[s.name], reader.charset, records["teacher"]) for s in specs]
     summaries = dataset_reads(model, cfg, samples, per_sample, reader, out) + summaries
     return {
         "config": _config_doc(cfg, model, runtime, has_lora, merge_lora_for_students, reader),
@@ -463,6 +411,79 @@ def evaluate(model, cfg: EvalConfig, out: str | os.PathLike, reader=None, runtim
         "runs": summaries,
         "samples": per_sample,
     }
+
+
+@dataclass
+class _Context:
+    """What every run of one evaluation shares: the generator, settings, output folder, OCR reader, the latent
+    shape of x_T and the teacher's latents (the fidelity reference), filled by the teacher's run."""
+
+    gen: object
+    cfg: EvalConfig
+    out: Path
+    reader: object
+    channels: int
+    side: int
+    teacher_latents: dict = field(default_factory=dict)
+
+    def noise(self, sample: EvalSample) -> torch.Tensor:
+        return initial_noise(sample.seed, self.cfg.images_per_prompt, self.channels, self.side, self.side)
+
+
+def _run_spec(ctx: _Context, spec: RunSpec, rec: _RunRecord, samples: list[EvalSample], per_sample: list[dict],
+              progress: bool) -> None:
+    """Generate, save, score and read every sample with one run setting (after an untimed warm-up)."""
+    if ctx.cfg.warmup:
+        # untimed, one step at the same shapes: first-call allocations, the blank-image posterior
+        warm = _request(samples[0], spec, ctx.cfg)
+        warm.steps = 1
+        try:
+            ctx.gen(warm, x_T=ctx.noise(samples[0]))
+        except InputError:
+            pass  # the sample itself reports the error below
+    for s, rec_s in zip(samples, per_sample):
+        try:
+            res = ctx.gen(_request(s, spec, ctx.cfg), x_T=ctx.noise(s))
+        except InputError as e:
+            rec.failed += 1
+            rec_s["failed"][spec.name] = str(e)
+            log.warning("%s, sample %s: %s", spec.name, s.name, e)
+            continue
+        _record_sample(ctx, spec, rec, s, rec_s, res)
+        if progress:
+            log.info("%s sample %d/%d (%s): %.2f s/image, read %s", spec.name, s.index + 1, len(samples), s.name,
+                     rec.seconds[-1], rec_s["reads"][spec.name][0])
+
+
+def _record_sample(ctx: _Context, spec: RunSpec, rec: _RunRecord, s: EvalSample, rec_s: dict, res) -> None:
+    """Times, images, fidelity to the teacher and OCR reads of one generated sample."""
+    n_img = len(res.images)
+    rec.seconds.append(res.seconds["total"] / n_img)
+    for k, v in res.seconds.items():
+        rec.phases[k].append(v / n_img)
+    img_dir = ctx.out / "images" / spec.folder
+    if spec.name == "teacher" or ctx.cfg.save_student_images:
+        img_dir.mkdir(parents=True, exist_ok=True)
+        for k, img in enumerate(res.images):
+            save_image(img_dir / f"{s.index:05d}_{k}.png", img)
+    if spec.name == "teacher":
+        gdir = ctx.out / "images" / "glyphs"
+        gdir.mkdir(parents=True, exist_ok=True)
+        # glyphs are drawn in the line colours (black text is nearly invisible): show them white
+        prev = np.where(res.glyph_preview.max(-1, keepdims=True) > 0, 255, 0).astype(np.uint8)
+        save_image(gdir / f"{s.index:05d}.png", np.repeat(prev, 3, axis=2))
+        ctx.teacher_latents[s.index] = res.latents.float().cpu()
+    else:
+        _fidelity(rec, rec_s, spec, res, ctx.out / "images" / "teacher", s.index, ctx.teacher_latents.get(s.index))
+    t0 = time.perf_counter()
+    masks = _masks([ln.polygon for ln in s.lines], ctx.cfg.size)
+    reads = [ctx.reader.read_lines(img, masks) for img in res.images]
+    rec.ocr_seconds += time.perf_counter() - t0
+    rec_s["reads"][spec.name] = reads
+    for r in reads:
+        rec.preds += r
+        rec.gts += [ln.text for ln in s.lines]
+        rec.langs += [ln.language for ln in s.lines]
 
 
 def _fidelity(rec: _RunRecord, rec_s: dict, spec: RunSpec, res, teacher_dir: Path, index: int,
