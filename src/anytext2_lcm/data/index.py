@@ -38,6 +38,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..atomic import atomic_path
 from .anyword import BadRow, DataConfig, LoadStats, Row, parse_row
 from .skips import DataFileError
 
@@ -145,11 +146,10 @@ def write_index(json_paths: list[str], out: str | os.PathLike) -> dict:
         raise DataFileError(f"{len(json_paths)} annotation files: at most 65535 per index")
     streams = [(os.fspath(p), *stream_annotation_file(p)) for p in json_paths]  # every file checked before writing
     files = [_file_entry(p, root, out_dir) for p, root, _ in streams]
-    tmp = os.path.join(out_dir, f".{os.path.basename(out)}.{os.getpid()}.tmp")
     summary = {"rows": 0, "files": {}, "bad": Counter()}
-    try:
-        schema = _schema(files)
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+    schema = _schema(files)
+    with atomic_path(out) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             for fid, (path, root, rows) in enumerate(streams):
                 name, n = os.path.basename(path), 0
                 cols: dict[str, list] = {k: [] for k in ("row", "raw", "wm", "bad", "empty", "star")}
@@ -169,12 +169,6 @@ def write_index(json_paths: list[str], out: str | os.PathLike) -> dict:
                 summary["files"][path] = n
                 summary["rows"] += n
                 log.info("%s: %d rows indexed", path, n)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     summary["bad"] = dict(summary["bad"])
     return summary
 

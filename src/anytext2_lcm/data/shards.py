@@ -40,6 +40,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..atomic import atomic_path, write_json
 from ..config import ConfigError
 from .anyword import AnyWordDataset, BadRow, DataConfig, LoadStats, parse_row, sample_rng
 from .glyphs import cached_line_renderer
@@ -79,19 +80,11 @@ def _write_tar(path: str, samples: list[dict]) -> int:
     """One shard, atomically (temporary name, then a rename); returns its size in bytes."""
     import webdataset as wds
 
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            writer = wds.TarWriter(f)
-            for s in samples:
-                writer.write(s)
-            writer.close()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        writer = wds.TarWriter(f)
+        for s in samples:
+            writer.write(s)
+        writer.close()
     return os.path.getsize(path)
 
 
@@ -130,12 +123,7 @@ def write_shards(json_paths: list[str], out: str | os.PathLike, samples_per_shar
         flush()
     manifest = {"format": SHARDS_FORMAT, "version": SHARDS_VERSION, "samples": sid, "shards": shards,
                 "sources": [p for p, _, _ in streams], "images_missing": missing}
-    tmp = os.path.join(out, f".{MANIFEST}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(out, MANIFEST))
+    write_json(os.path.join(out, MANIFEST), manifest, indent=1, ensure_ascii=False)
     return manifest
 
 

@@ -10,7 +10,6 @@ weights at those step counts, all from the same seeds and x_T, every line read b
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_json, write_text
 from ..config import ConfigError
 from .spec import Recipe
 from .stages import run_recipe
@@ -103,8 +103,8 @@ def run_demo(recipe: Recipe, out: str | Path, cache: str | Path | None = None, f
                              "seconds_per_image": r["seconds_per_image"]["mean"]} for r in res["runs"]},
         "grid": "grid.png" if grid_rows else None,
     }
-    (out / "report.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False))
-    (out / "report.md").write_text(_markdown(doc, format_table(res, rows)))
+    write_json(out / "report.json", doc, indent=1, ensure_ascii=False)
+    write_text(out / "report.md", _markdown(doc, format_table(res, rows)))
     say(format_table(res, rows))
     say(f"  wrote {out / 'report.md'}, {out / 'grid.png'}, {out / 'loss.png'} in {doc['seconds']['total']:.0f} s")
     return doc

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..atomic import commit_dir, write_json
 from .spec import Recipe, StageSpec, stage_train_config, synth_config
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,6 @@ def cached_stage(root: Path, name: str, key: str, fresh: bool, build: Callable[[
         info = json.loads((final / DONE).read_text())
         report(f"{name}: cached {final}")
         return StageInfo(name, final, True, 0.0, info)
-    if final.exists():
-        shutil.rmtree(final)
     partial = root / f".{key}.partial"
     if fresh and partial.exists():
         shutil.rmtree(partial)
@@ -109,8 +108,8 @@ def cached_stage(root: Path, name: str, key: str, fresh: bool, build: Callable[[
     info = build(partial) or {}
     seconds = time.perf_counter() - t0
     info["build_seconds"] = seconds
-    (partial / DONE).write_text(json.dumps(info, indent=1))  # inside the partial folder: the rename commits it
-    partial.rename(final)
+    write_json(partial / DONE, info, indent=1)  # inside the partial folder: the rename commits it
+    commit_dir(partial, final)  # a stale stage of this key is replaced only now: a failed build keeps it
     return StageInfo(name, final, False, seconds, info)
 
 

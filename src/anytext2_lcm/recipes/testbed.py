@@ -17,13 +17,13 @@ in the ``ship.dtype`` precision to ``OUT/model``; ``install`` also replaces the 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
+from ..atomic import commit_dir, write_json, write_text
 from ..config import ConfigError
 from .spec import Recipe
 from .stages import RecipeRun, run_recipe
@@ -123,13 +123,11 @@ def build_testbed(recipe: Recipe, out: str | Path, cache: str | Path | None = No
         if tmp.exists():
             shutil.rmtree(tmp)
         shutil.copytree(shipped, tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        commit_dir(tmp, target)  # the installed weights are replaced only once the new ones are complete
         report(f"installed {target}")
     doc = summary(recipe, run, vae_res, res, time.perf_counter() - t0)
-    (out / "report.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False))
-    (out / "report.md").write_text(summary_markdown(doc))
+    write_json(out / "report.json", doc, indent=1, ensure_ascii=False)
+    write_text(out / "report.md", summary_markdown(doc))
     report(f"wrote {out / 'report.md'} and {shipped}")
     return doc
 
