@@ -37,11 +37,13 @@ def register(sub) -> None:
     d.add_argument("--max-chars", type=number(1, 1000, integer=True), default=20)
     d.add_argument("--font", dest="glyph_font", default=None, help="glyph font (default: a CJK-capable system font)")
     s = p.add_argument_group("sampling")
-    s.add_argument("--images-per-prompt", type=number(1, 64, integer=True), default=1, help="images per sample (the benchmark uses 4)")
+    s.add_argument("--images-per-prompt", type=number(1, 64, integer=True), default=1,
+                   help="images per sample (the benchmark uses 4)")
     s.add_argument("--seed", type=SEED, default=100, help="seed of sample 0 (sample i: seed + i)")
     s.add_argument("--teacher-steps", type=STEPS, default=TEACHER_STEPS)
     s.add_argument("--teacher-cfg", type=CFG, default=TEACHER_CFG)
-    s.add_argument("--student-steps", type=number_list(1, MAX_STEPS), default=STUDENT_STEPS, help="comma-separated step counts")
+    s.add_argument("--student-steps", type=number_list(1, MAX_STEPS), default=STUDENT_STEPS,
+                   help="comma-separated step counts")
     s.add_argument("--student-sampler", default=None, choices=["lcm", "tcd", "pcm", "ddim"],
                    help="default: the sampler the adapter records (lcm for an adapter that records none)")
     s.add_argument("--student-cfg", type=CFG, default=None, help="default: the adapter's recorded scale (1)")

@@ -560,7 +560,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", default="sd15", help="'sd15' (real architecture, random weights), 'tiny', or a "
                                                    "converted folder / checkpoint")
-    p.add_argument("--size", type=number(64, 8192, integer=True), default=256, help="image side (256 on a CPU, 512 on a GPU)")
+    p.add_argument("--size", type=number(64, 8192, integer=True), default=256,
+                   help="image side (256 on a CPU, 512 on a GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="model precision (auto: fp16 on GPU, fp32 on CPU)")
