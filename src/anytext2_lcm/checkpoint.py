@@ -22,6 +22,7 @@ import time
 import warnings
 import zipfile
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -390,3 +391,190 @@ def load_model(path: str | Path | None = None, config: ModelConfig | None = None
     if path is not None:
         load_original(model, sd, source=str(path))
     return model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Community SD-1.5 base models: the UNet and CLIP text weights of another checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+UNET_PREFIX = "model.diffusion_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+DIFFUSERS_WEIGHTS = {
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+             "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
+}
+"""Weight files of a diffusers model folder, in the order they are looked for (``.bin`` through ``weights_only``)."""
+BASE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class BaseWeights:
+    """The UNet and CLIP text weights of a community SD-1.5 model, read and checked, not yet applied.
+
+    Attributes:
+        unet: UNet tensors, named as in ldm without ``model.diffusion_model.`` (``layout`` "ldm") or as in diffusers'
+            ``UNet2DConditionModel`` ("diffusers").
+        clip: CLIP text tensors in transformers' ``CLIPTextModel`` names (``text_model.*``).
+        layout: "ldm" (one ``.ckpt``/``.safetensors`` file) or "diffusers" (a folder with ``unet/`` and
+            ``text_encoder/``).
+        ignored: tensors of the other parts the file holds (VAE, EMA copies, ...), not used (as the original).
+        source: the path, for messages.
+    """
+
+    unet: dict[str, torch.Tensor]
+    clip: dict[str, torch.Tensor]
+    layout: str
+    ignored: int
+    source: str
+
+
+@dataclass
+class BaseModelReport:
+    """What :func:`load_base_model` changed."""
+
+    source: str
+    layout: str
+    replaced: int
+    """Tensors taken from the file (UNet and CLIP)."""
+    kept: int
+    """AnyText2-only UNet tensors (AttnX), kept from the AnyText2 model."""
+    missing: list[str]
+    """SD-1.5 UNet / CLIP keys the file lacks: those weights stay the AnyText2 model's."""
+    unexpected: list[str]
+    """Keys of the file's UNet / CLIP parts that this model does not have: not used."""
+    ignored: int
+    """Tensors of other parts of the file (VAE, EMA, ...): not used."""
+
+    def summary(self) -> str:
+        return (f"base model {self.source} ({self.layout} layout): {self.replaced} UNet/CLIP tensors replaced, "
+                f"{self.kept} AttnX tensors kept, {len(self.missing)} missing (kept), {len(self.unexpected)} "
+                f"unexpected and {self.ignored} other tensors not used")
+
+
+def read_base_model(path: str | Path, trust_pickle: bool = False) -> BaseWeights:
+    """Read the UNet and CLIP text weights of a community SD-1.5 model, with every check that needs no model.
+
+    ``path``: an ldm-layout ``.safetensors`` / ``.ckpt`` (``model.diffusion_model.*``,
+    ``cond_stage_model.transformer.text_model.*``; a Lightning ``state_dict`` is unwrapped) or a diffusers folder
+    (``unet/diffusion_pytorch_model.safetensors``, ``text_encoder/model.safetensors``). Torch files are read with
+    ``weights_only=True`` (a pickle that needs code is refused unless ``trust_pickle``).
+
+    Raises:
+        FileNotFoundError: no such path. CheckpointError: unreadable or unsafe file, another layout (a LoRA, a bare
+            diffusers UNet file, a file without UNet or CLIP keys), NaN/Inf values.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"base model {path} does not exist")
+    if path.is_dir():
+        unet, clip = _read_diffusers_folder(path, trust_pickle)
+        ignored, layout = 0, "diffusers"
+    else:
+        if path.suffix not in BASE_SUFFIXES:
+            raise CheckpointError(f"base model {path}: expected an SD-1.5 checkpoint ({', '.join(BASE_SUFFIXES)}) "
+                                  "in the ldm layout or a diffusers model folder")
+        unet, clip, ignored = _split_ldm(read_checkpoint(path, trust_pickle=trust_pickle), path)
+        layout = "ldm"
+    require_finite(unet, f"base model {path} (UNet)")
+    require_finite(clip, f"base model {path} (text encoder)")
+    return BaseWeights(unet, clip, layout, ignored, str(path))
+
+
+def _clip_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF ``CLIPTextModel`` names; keys of the layout before transformers 4.x (no ``text_model.``) are prefixed,
+    the ``position_ids`` buffer is dropped."""
+    out = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in tensors.items()}
+    return {k: v for k, v in out.items() if not k.endswith("embeddings.position_ids")}
+
+
+def _split_ldm(sd: dict[str, torch.Tensor], path: Path) -> tuple[dict, dict, int]:
+    """(UNet without prefix, CLIP in HF names through diffusers' ``convert_ldm_clip_checkpoint``, other count)."""
+    from diffusers.loaders.single_file_utils import LDM_CLIP_PREFIX_TO_REMOVE, convert_ldm_clip_checkpoint
+
+    unet = {k[len(UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+    clip_keys = sum(1 for k in sd if k.startswith(tuple(LDM_CLIP_PREFIX_TO_REMOVE)))
+    clip = _clip_names(convert_ldm_clip_checkpoint(sd))
+    if not unet and not clip:
+        raise CheckpointError(f"base model {path}: {_layout_hint(sd)}")
+    return unet, clip, len(sd) - len(unet) - clip_keys
+
+
+def _layout_hint(sd: dict[str, torch.Tensor]) -> str:
+    keys = list(sd)
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
+        return "a kohya LoRA, not a base model: pass it as --style-lora FILE:RATIO"
+    if any(k.startswith(("down_blocks.", "conv_in.", "mid_block.")) for k in keys):
+        return "a bare diffusers UNet file: pass the diffusers model folder (with unet/ and text_encoder/)"
+    return (f"no model.diffusion_model.* or cond_stage_model.transformer.* keys: not an SD-1.5 checkpoint in the "
+            f"ldm layout (its keys look like {keys[:3]})")
+
+
+def _read_diffusers_folder(path: Path, trust_pickle: bool) -> tuple[dict, dict]:
+    parts = {}
+    for sub, names in DIFFUSERS_WEIGHTS.items():
+        d = path / sub
+        f = next((d / n for n in names if (d / n).is_file()), None)
+        if f is None and d.is_dir() and any(d.glob("*.index.json")):
+            raise CheckpointError(f"base model {d}: sharded weights are not supported; save the model with one "
+                                  "file per part (diffusers save_pretrained(max_shard_size='20GB'))")
+        parts[sub] = read_checkpoint(f, trust_pickle=trust_pickle) if f is not None else {}
+    if not parts["unet"] and not parts["text_encoder"]:
+        hint = " (a converted AnyText2 folder is a --model, not a base model)" if is_converted(path) else ""
+        raise CheckpointError(f"base model {path}: not a diffusers model folder: no unet/{DIFFUSERS_WEIGHTS['unet'][0]} "
+                              f"or text_encoder/{DIFFUSERS_WEIGHTS['text_encoder'][0]}{hint}")
+    return parts["unet"], _clip_names(parts["text_encoder"])
+
+
+def _is_attnx(key: str) -> bool:
+    return ".attn1x." in key or ".attn2x." in key
+
+
+def load_base_model(model: torch.nn.Module, base: BaseWeights | str | Path,
+                    trust_pickle: bool = False) -> BaseModelReport:
+    """Replace the SD-1.5 UNet and CLIP text weights of an ``AnyText2`` with a community model's (as the original
+    ``ms_wrapper.load_base_model``); AttnX, the WriteNet, the text-embedding module, the OCR and the VAE stay.
+
+    Strict about shapes (any mismatch is an error listing them); keys the file lacks keep the AnyText2 weights and
+    keys the model lacks are not used, both reported (``BaseModelReport``, and a warning). Diffusers UNet names are
+    mapped through :func:`~anytext2_lcm.models.unet.diffusers_key_map` (diffusers' own converter). Call it before
+    any LoRA is applied.
+    """
+    from .models.unet import diffusers_key_map
+
+    if getattr(model, "peft_config", None):
+        raise RuntimeError("load_base_model: apply the base model before any LoRA adapter")
+    base = base if isinstance(base, BaseWeights) else read_base_model(base, trust_pickle)
+    unet, unexpected = base.unet, []
+    if base.layout == "diffusers":
+        inverse = {d: k for k, d in diffusers_key_map(model.cfg.unet).items()}
+        unexpected = ["unet/" + k for k in unet if k not in inverse]
+        unet = {inverse[k]: v for k, v in unet.items() if k in inverse}
+    targets = {UNET_PREFIX: (model.unet, unet), CLIP_PREFIX: (model.cond_stage_model.transformer, base.clip)}
+    loads, missing, shapes, kept = {}, [], [], 0
+    for prefix, (module, tensors) in targets.items():
+        own = {k: v for k, v in module.state_dict().items() if not _is_attnx(k)}
+        kept += len(module.state_dict()) - len(own)
+        unexpected += [prefix + k for k in tensors if k not in own]
+        missing += [prefix + k for k in own if k not in tensors]
+        shapes += [f"{prefix}{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
+                   if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)]
+        loads[prefix] = {k: tensors[k] for k in own if k in tensors}
+    if shapes:
+        raise CheckpointError(f"base model {base.source} does not fit this model (an SD-2 / SDXL checkpoint, or "
+                              f"another architecture?): {len(shapes)} shape mismatches: {_summarise(shapes, 4)}")
+    if not any(loads.values()):
+        raise CheckpointError(f"base model {base.source}: none of its {len(unexpected)} UNet/CLIP keys is a key of "
+                              f"this model, e.g. {unexpected[:3]}")
+    for prefix, (module, _) in targets.items():
+        module.load_state_dict(loads[prefix], strict=False)  # copy_ casts to the model's dtype
+    report = BaseModelReport(base.source, base.layout, sum(len(v) for v in loads.values()), kept, missing,
+                             unexpected, base.ignored)
+    log.info("%s", report.summary())
+    if missing:
+        log.warning("base model %s lacks %d UNet/CLIP keys (the AnyText2 weights stay): %s", base.source,
+                    len(missing), _summarise(missing, 6))
+    if unexpected:
+        log.warning("base model %s: %d UNet/CLIP keys this model does not have were not used: %s", base.source,
+                    len(unexpected), _summarise(unexpected, 6))
+    return report

@@ -14,12 +14,17 @@ Model names (``--model NAME``, a training config's ``model.teacher: NAME``):
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from . import config as C
+
+if TYPE_CHECKING:
+    from .checkpoint import BaseWeights
 from .checkpoint import (CheckpointError, check_checkpoint_file, is_converted, load_converted, load_model,
                          read_converted_config, verify_converted)
 
@@ -178,5 +183,63 @@ def model_config(spec: str | None, *, preset: str | None = None, config_path: st
     return cfg
 
 
-__all__ = ["INITS", "MODEL_NAMES", "RANDOM_MODELS", "SHIPPED_MODELS", "build_model", "model_config", "pick_device",
+# ---------------------------------------------------------------------------------------------------------------
+# Community weights on top of a built model: an SD-1.5 base model, style LoRAs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CommunityWeights:
+    """A community SD-1.5 base model and kohya style LoRAs, read and checked before any model is built
+    (:func:`read_community`), applied to a built model by :func:`apply_community`."""
+
+    base: "BaseWeights | None" = None
+    styles: list = field(default_factory=list)
+    """(``StyleWeights``, ratio) pairs, merged in this order."""
+
+    def describe(self) -> dict:
+        return {"base_model": self.base.source if self.base else None,
+                "style_loras": [{"path": w.source, "ratio": r} for w, r in self.styles]}
+
+
+def read_community(base_model: str | None = None, style_loras: Sequence = (),
+                   trust_pickle: bool = False) -> CommunityWeights:
+    """Read and check ``base_model`` (an ldm-layout file or a diffusers folder, :func:`~anytext2_lcm.checkpoint.
+    read_base_model`) and ``style_loras`` (``StyleLora`` or ``"FILE:RATIO"`` each, :func:`~anytext2_lcm.lora.style.
+    read_style_lora`): layouts, safe reading, finite values. Nothing here needs the model.
+
+    Raises:
+        ConfigError / FileNotFoundError / CheckpointError: one line naming the file and what is wrong.
+    """
+    from .checkpoint import read_base_model
+    from .lora.style import StyleLora, read_style_lora
+
+    loras = [x if isinstance(x, StyleLora) else StyleLora.parse(x) for x in style_loras]
+    for lora in loras:
+        lora.check()
+    base = read_base_model(base_model, trust_pickle=trust_pickle) if base_model else None
+    return CommunityWeights(base, [(read_style_lora(x.path), x.ratio) for x in loras])
+
+
+def apply_community(model: torch.nn.Module, community: CommunityWeights | None) -> list[str]:
+    """Replace the UNet / CLIP weights with the base model's, then merge the style LoRAs (before any student LoRA is
+    loaded: the student then applies on top). Returns one summary line per step (also logged).
+
+    Raises:
+        CheckpointError: shapes or module names that do not fit the model (nothing of that file is applied).
+    """
+    from .checkpoint import load_base_model
+    from .lora.style import merge_style_lora
+
+    if community is None:
+        return []
+    out = []
+    if community.base is not None:
+        out.append(load_base_model(model, community.base).summary())
+    for weights, ratio in community.styles:
+        out.append(merge_style_lora(model, weights, ratio).summary())
+    return out
+
+
+__all__ = ["CommunityWeights", "INITS", "MODEL_NAMES", "apply_community", "read_community", "RANDOM_MODELS", "SHIPPED_MODELS", "build_model", "model_config", "pick_device",
            "pick_dtype", "random_model", "resolve_path", "shipped_weights"]

@@ -37,8 +37,9 @@ False), so a LoRA placed there silently got no gradient. Our UNet has no such sw
 trains (``tests/test_lora.py`` checks it), and what is frozen is decided here, by ``apply_lora``.
 """
 
-# The public API lives in five modules: inventory, targets, adapters, files (save / load / merged export) and
-# kohya (kohya-style files and the one ``export`` entry point).
+# The public API lives in these modules, each building only on the ones before it: inventory, targets, adapters,
+# kohya (kohya-style names, reading and writing), files (save / load / merged export and the one ``export`` entry
+# point) and style (community kohya LoRAs merged at a ratio, ``anytext2_lcm.lora.style``).
 
 from .inventory import (  # noqa: F401
     NETWORKS, ROLES,
@@ -53,12 +54,12 @@ from .adapters import (  # noqa: F401
     LoraSpec, lora_layers, adapter_names, trainable_parameters, apply_lora, disable_adapters, use_adapter,
     set_lora_scale, merge_lora, unmerge_lora, unload_lora,
 )
+from .kohya import (  # noqa: F401
+    kohya_names, export_kohya,
+)
 from .files import (  # noqa: F401
     ADAPTER_FORMAT, PEFT_PREFIX, ADAPTER_WEIGHTS, ADAPTER_CONFIG, STUDENT_INFO, adapter_info, lora_state_dict,
-    save_lora, load_lora, merged_state_dict, export_merged,
-)
-from .kohya import (  # noqa: F401
-    kohya_names, export_kohya, EXPORT_FORMATS, export,
+    save_lora, load_lora, merged_state_dict, export_merged, EXPORT_FORMATS, export,
 )
 
 __all__ = [

@@ -16,6 +16,7 @@ from ..checkpoint import CheckpointError, require_finite, safe_torch_load, tenso
 from ..config import ConfigError
 from .adapters import _freeze_to_lora, _is_meta, adapter_names, lora_layers, set_lora_scale
 from .inventory import ModuleInfo, _base_of, module_table
+from .kohya import KOHYA_KEY, export_kohya, from_kohya
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ single ``.safetensors`` file the same entries are metadata keys (``sampling`` as
 # ---------------------------------------------------------------------------------------------------------------
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>[A-Za-z0-9_\-]+))?\.weight$")
-_KOHYA_KEY = re.compile(r"^(?P<module>lora_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 
 
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> "OrderedDict[str, torch.Tensor]":
@@ -173,7 +173,7 @@ def check_adapter_file(path: str | Path) -> None:
     if not raw:
         raise CheckpointError(f"{path}: holds no LoRA weights")
     require_finite(raw, str(path))
-    if not any(_KOHYA_KEY.match(k) for k in raw):
+    if not any(KOHYA_KEY.match(k) for k in raw):
         _group_peft_keys(raw, str(path))
 
 
@@ -227,8 +227,8 @@ def load_lora(model: nn.Module, path: str | Path, adapter_name: str = "default",
     require_finite(raw, source)
     table = module_table(model)
     by_name = {m.name: m for m in table}
-    if any(_KOHYA_KEY.match(k) for k in raw):
-        groups, alphas = _kohya_loader()(raw, model, table, source)
+    if any(KOHYA_KEY.match(k) for k in raw):
+        groups, alphas = from_kohya(raw, model, table, source)
     else:
         groups, alphas = _group_peft_keys(raw, source), {}
     if not groups:
@@ -371,7 +371,46 @@ def export_merged(model: nn.Module, path: str | Path, dtype: torch.dtype | None 
     return path
 
 
-def _kohya_loader():
-    from .kohya import _from_kohya  # imported late: kohya.py builds on this module
+# ---- one entry point -------------------------------------------------------------------------------------------
 
-    return _from_kohya
+EXPORT_FORMATS = ("peft", "safetensors", "merged", "kohya")
+
+
+def export(model: nn.Module, out: str | Path, fmt: str, adapter_name: str = "default", scale: float = 1.0,
+           dtype: torch.dtype | None = None) -> Path:
+    """Export the LoRA of ``model`` as ``fmt``:
+
+    * ``peft``: a PEFT adapter folder;
+    * ``safetensors``: one adapter file (config in the metadata);
+    * ``merged``: the full model with the LoRA merged, original key layout (``.safetensors`` or ``.ckpt``);
+    * ``kohya``: kohya-style ``lora_down``/``lora_up``/``alpha`` safetensors.
+
+    ``scale`` multiplies the LoRA update (baked into the exported weights; the model's own scale is restored).
+    """
+    out = Path(out)
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"export format {fmt!r}: one of {EXPORT_FORMATS}")
+    if fmt == "peft":
+        return save_lora(model, out, adapter_name, scale=scale, dtype=dtype)
+    if fmt == "safetensors":
+        if out.suffix != ".safetensors":
+            raise ConfigError(f"export path {out}: a single-file adapter must end in .safetensors")
+        return save_lora(model, out, adapter_name, scale=scale, dtype=dtype)
+    if fmt == "kohya":
+        export_kohya(model, out, adapter_name, scale=scale, dtype=dtype or torch.float32)
+        return out
+    if scale == 1.0:
+        return export_merged(model, out, dtype)
+    if any(layer.merged for layer in lora_layers(model).values()):
+        raise RuntimeError("export merged with scale != 1: unmerge_lora(model) first")
+    layers = lora_layers(model)
+    saved = [(layer, dict(layer.scaling)) for layer in layers.values()]
+    try:
+        for layer in layers.values():
+            for a in layer.scaling:
+                layer.scaling[a] *= scale
+        return export_merged(model, out, dtype)
+    finally:
+        for layer, scaling in saved:
+            layer.scaling.clear()
+            layer.scaling.update(scaling)

@@ -1,50 +1,39 @@
-"""Kohya-style LoRA files (the format AnyText2's ms_wrapper merges) and the one export entry point."""
+"""Kohya-style LoRA files (``lora_unet_*`` / ``lora_te_*`` with ``lora_down``, ``lora_up``, ``alpha``; the format
+AnyText2's ms_wrapper merges and community SD-1.5 LoRAs use): the names, reading them, writing them. This module
+builds on ``adapters`` and ``inventory``; ``files`` (``load_lora``, the ``export`` entry point) and ``style`` build
+on it."""
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 from collections import OrderedDict
-from dataclasses import asdict
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from ..atomic import save_safetensors
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from .adapters import lora_layers
-from ..atomic import save_safetensors
-from .files import _KOHYA_KEY, export_merged, save_lora
 from .inventory import _TRUNK_PARTS, NETWORKS, ModuleInfo, module_table
 
 log = logging.getLogger(__name__)
 
+KOHYA_KEY = re.compile(r"^(?P<module>lora_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+"""A key of a kohya LoRA file: ``<kohya module name>.lora_down.weight`` (A), ``.lora_up.weight`` (B), ``.alpha``."""
+
 
 # ---- kohya-style names -----------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=4)
-def _unet_diffusers_names(unet_cfg_json: str) -> dict[str, str]:
-    """ldm UNet module path → diffusers UNet2DConditionModel path, through diffusers' own ldm converter (each
-    ldm key is fed in as a unique marker and found where the converter puts it, so names cannot drift)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+def _unet_diffusers_names(model: nn.Module) -> dict[str, str]:
+    """ldm UNet module path → diffusers UNet2DConditionModel path: the weights of
+    :func:`~anytext2_lcm.models.unet.diffusers_key_map` (diffusers' own converter, so names cannot drift)."""
+    from ..models.unet import diffusers_key_map
 
-    from ..config import UNetConfig
-    from ..models.unet import UNet
-
-    cfg = UNetConfig(**json.loads(unet_cfg_json))
-    with torch.device("meta"):
-        keys = list(UNet(cfg).state_dict())
-    with torch.device("cpu"):  # markers must hold real values even under an ambient meta-device context
-        markers = {"model.diffusion_model." + k: torch.tensor([float(i)]) for i, k in enumerate(keys)}
-        converted = convert_ldm_unet_checkpoint(markers, {"layers_per_block": cfg.num_res_blocks})
-    out = {}
-    for dk, v in converted.items():
-        lk = keys[int(v.item())]
-        if lk.endswith(".weight") and dk.endswith(".weight"):
-            out[lk[:-len(".weight")]] = dk[:-len(".weight")]
-    return out
+    return {lk[:-len(".weight")]: dk[:-len(".weight")] for lk, dk in diffusers_key_map(model.cfg.unet).items()
+            if lk.endswith(".weight") and dk.endswith(".weight")}
 
 
 def kohya_names(model: nn.Module, table: list[ModuleInfo] | None = None) -> "OrderedDict[str, str]":
@@ -57,7 +46,7 @@ def kohya_names(model: nn.Module, table: list[ModuleInfo] | None = None) -> "Ord
     * WriteNet: ``lora_control_model_`` + the ldm path (this package's convention; no kohya tool knows it).
     """
     table = table if table is not None else module_table(model)
-    unet_map = _unet_diffusers_names(json.dumps(asdict(model.cfg.unet), sort_keys=True))
+    unet_map = _unet_diffusers_names(model)
     out: OrderedDict[str, str] = OrderedDict()
     for m in table:
         if m.net == "unet":
@@ -123,15 +112,15 @@ def export_kohya(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     return {"modules": mergeable + skipped, "ms_wrapper_mergeable": mergeable, "skipped_by_ms_wrapper": skipped}
 
 
-def _from_kohya(raw: dict[str, torch.Tensor], model: nn.Module, table: list[ModuleInfo],
-                source: str) -> tuple["OrderedDict[str, dict[str, torch.Tensor]]", dict[str, float]]:
+def from_kohya(raw: dict[str, torch.Tensor], model: nn.Module, table: list[ModuleInfo],
+               source: str) -> tuple["OrderedDict[str, dict[str, torch.Tensor]]", dict[str, float]]:
     """kohya keys → (module → {"A", "B"}, module → alpha)."""
     inverse = {v: k for k, v in kohya_names(model, table).items()}
     groups: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
     alphas: dict[str, float] = {}
     unknown = []
     for k, v in raw.items():
-        m = _KOHYA_KEY.match(k)
+        m = KOHYA_KEY.match(k)
         if not m or m.group("module") not in inverse:
             unknown.append(k)
             continue
@@ -150,48 +139,3 @@ def _from_kohya(raw: dict[str, torch.Tensor], model: nn.Module, table: list[Modu
     for n, g in groups.items():
         alphas.setdefault(n, float(g["A"].shape[0]))  # kohya's default: alpha = rank
     return groups, alphas
-
-
-# ---- one entry point -------------------------------------------------------------------------------------------
-
-EXPORT_FORMATS = ("peft", "safetensors", "merged", "kohya")
-
-
-def export(model: nn.Module, out: str | Path, fmt: str, adapter_name: str = "default", scale: float = 1.0,
-           dtype: torch.dtype | None = None) -> Path:
-    """Export the LoRA of ``model`` as ``fmt``:
-
-    * ``peft``: a PEFT adapter folder;
-    * ``safetensors``: one adapter file (config in the metadata);
-    * ``merged``: the full model with the LoRA merged, original key layout (``.safetensors`` or ``.ckpt``);
-    * ``kohya``: kohya-style ``lora_down``/``lora_up``/``alpha`` safetensors.
-
-    ``scale`` multiplies the LoRA update (baked into the exported weights; the model's own scale is restored).
-    """
-    out = Path(out)
-    if fmt not in EXPORT_FORMATS:
-        raise ConfigError(f"export format {fmt!r}: one of {EXPORT_FORMATS}")
-    if fmt == "peft":
-        return save_lora(model, out, adapter_name, scale=scale, dtype=dtype)
-    if fmt == "safetensors":
-        if out.suffix != ".safetensors":
-            raise ConfigError(f"export path {out}: a single-file adapter must end in .safetensors")
-        return save_lora(model, out, adapter_name, scale=scale, dtype=dtype)
-    if fmt == "kohya":
-        export_kohya(model, out, adapter_name, scale=scale, dtype=dtype or torch.float32)
-        return out
-    if scale == 1.0:
-        return export_merged(model, out, dtype)
-    if any(layer.merged for layer in lora_layers(model).values()):
-        raise RuntimeError("export merged with scale != 1: unmerge_lora(model) first")
-    layers = lora_layers(model)
-    saved = [(layer, dict(layer.scaling)) for layer in layers.values()]
-    try:
-        for layer in layers.values():
-            for a in layer.scaling:
-                layer.scaling[a] *= scale
-        return export_merged(model, out, dtype)
-    finally:
-        for layer, scaling in saved:
-            layer.scaling.clear()
-            layer.scaling.update(scaling)

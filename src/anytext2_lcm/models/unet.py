@@ -6,6 +6,8 @@ the WriteNet, see ``writenet.py``); nothing is cached between calls.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -81,3 +83,35 @@ class UNet(nn.Module):
                 skip = skip + control[-(i + 2)]
             h = run_block(block, ckpt, torch.cat([h, skip], dim=1), emb, context, attnx_scale, context_mask)
         return self.out(h)
+
+
+def diffusers_key_map(cfg: UNetConfig) -> dict[str, str]:
+    """ldm UNet key (``input_blocks.1.1.proj_in.weight``, without ``model.diffusion_model.``) → diffusers
+    ``UNet2DConditionModel`` key (``down_blocks.0.attentions.0.proj_in.weight``), for every key of this UNet.
+
+    The map is diffusers' own ``convert_ldm_unet_checkpoint`` run on markers (each ldm key carries its index as
+    the value and is found where the converter puts it), so no name is written here. AttnX keys follow the same
+    rule (``...transformer_blocks.0.attn1x.to_q.weight``); a plain SD-1.5 UNet has none of them.
+    """
+    import json
+    from dataclasses import asdict
+
+    return dict(_diffusers_key_map(json.dumps(asdict(cfg), sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=4)
+def _diffusers_key_map(cfg_json: str) -> tuple[tuple[str, str], ...]:
+    import json
+
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    cfg = UNetConfig(**json.loads(cfg_json))
+    with torch.device("meta"):
+        keys = list(UNet(cfg).state_dict())
+    with torch.device("cpu"):  # markers must hold real values even under an ambient meta-device context
+        markers = {"model.diffusion_model." + k: torch.tensor([float(i)]) for i, k in enumerate(keys)}
+        converted = convert_ldm_unet_checkpoint(markers, {"layers_per_block": cfg.num_res_blocks})
+    out = {keys[int(v.item())]: dk for dk, v in converted.items()}
+    if len(out) != len(keys):
+        raise RuntimeError(f"diffusers' UNet converter mapped {len(out)} of {len(keys)} keys")
+    return tuple((k, out[k]) for k in keys)
