@@ -391,9 +391,9 @@ class ModelView:
     def vae(self) -> _VAEView:
         return _VAEView(self)
 
-    def line_embeddings(self, text_info, return_parts: bool = False):
+    def line_embeddings(self, text_info, return_parts: bool = False, style_crops=None):
         with self.using("ocr"):
-            return self.model.line_embeddings(text_info, return_parts=return_parts)
+            return self.model.line_embeddings(text_info, return_parts=return_parts, style_crops=style_crops)
 
     def encode_conditions(self, img_prompts, text_prompts, lines):
         with self.using("clip"):

@@ -101,9 +101,12 @@ class AnyText2(nn.Module):
 
     # ---- conditioning ---------------------------------------------------------------------------------------
 
-    def line_embeddings(self, text_info: TextInfo, return_parts: bool = False):
-        """Per-sample line embeddings: a list over the batch of (n_b, D) tensors (and the parts if asked)."""
-        out = self.embedding_manager(text_info, self.text_predictor, self.cfg.ocr, return_parts=return_parts)
+    def line_embeddings(self, text_info: TextInfo, return_parts: bool = False,
+                        style_crops: dict[int, torch.Tensor] | None = None):
+        """Per-sample line embeddings: a list over the batch of (n_b, D) tensors (and the parts if asked).
+        ``style_crops``: font-OCR inputs that replace the font-hint crops of some lines (see ``TextEmbedding``)."""
+        out = self.embedding_manager(text_info, self.text_predictor, self.cfg.ocr, return_parts=return_parts,
+                                     style_crops=style_crops)
         emb, parts = out if return_parts else (out, None)
         lines = list(torch.split(emb, [int(n) for n in text_info.n_lines.tolist()]))
         return (lines, parts) if return_parts else lines

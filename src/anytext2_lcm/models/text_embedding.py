@@ -102,7 +102,7 @@ class TextEmbedding(nn.Module):
     # -----------------------------------------------------------------------------------------------------------
 
     def forward(self, text_info: TextInfo, glyph_recognizer: RecModel, glyph_ocr_cfg: OCRConfig,
-                return_parts: bool = False):
+                return_parts: bool = False, style_crops: dict[int, Tensor] | None = None):
         """Line embeddings of the real lines of a batch.
 
         Args:
@@ -112,6 +112,9 @@ class TextEmbedding(nn.Module):
                 original forces eval); its own mode is restored afterwards.
             glyph_ocr_cfg: its preprocessing settings (input shape, batch size).
             return_parts: also return the intermediates (see below).
+            style_crops: line index j → (3, h, w) font-OCR input in 0..255 used for line j of every sample instead
+                of the crop of the font-hint canvas (the original's ``font_hint_mimic_imgs``: a font mimicked from
+                an image region, :func:`~anytext2_lcm.data.hints.mimic_font_crop`).
 
         Returns:
             (N, D) embeddings, N = ``sum(n_lines)``, ordered as ``text_info.lines()``; with ``return_parts`` a
@@ -149,7 +152,7 @@ class TextEmbedding(nn.Module):
             emb = emb + pos
 
         if self.cfg.add_style_ocr:
-            style = self._style_term(text_info, lines, parts)
+            style = self._style_term(text_info, lines, parts, style_crops or {})
             emb = emb + style
 
         if self.cfg.add_color:
@@ -167,10 +170,16 @@ class TextEmbedding(nn.Module):
 
     # -----------------------------------------------------------------------------------------------------------
 
-    def _style_term(self, text_info: TextInfo, lines: list[tuple[int, int]], parts: dict) -> Tensor:
+    def _style_term(self, text_info: TextInfo, lines: list[tuple[int, int]], parts: dict,
+                    style_crops: dict[int, Tensor]) -> Tensor:
         """style_proj of the font recogniser's features of each line's font-hint crop (gradients allowed)."""
         crops, nonblank = [], []
         for b, j in lines:
+            if j in style_crops:
+                crop = style_crops[j].to(device=text_info.font_hint.device, dtype=torch.float32)
+                nonblank.append(bool(crop.mean() != 0))
+                crops.append(crop)
+                continue
             # The original builds the crop mask as uint8(position) * 255, i.e. positions are truncated to {0, 1}.
             mask = text_info.positions[b, j].detach().float().permute(1, 2, 0).cpu().numpy().astype(np.uint8) * 255
             canvas = text_info.font_hint[b] * 255.0
