@@ -71,8 +71,8 @@ def latin_only_font() -> str | None:
 def test_font_choices_none_first_and_duplicate_names_get_their_folder():
     files = ["/a/x/Sans.ttf", "/a/y/Sans.ttf", "/b/Serif.otf"]
     ch = I.font_choices(files)
-    assert ch[0] == (I.NO_FONT, I.NO_FONT)
-    assert ch[1:] == [("Sans.ttf (x)", "/a/x/Sans.ttf"), ("Sans.ttf (y)", "/a/y/Sans.ttf"),
+    assert ch[:2] == [(I.NO_FONT, I.NO_FONT), (I.MIMIC, I.MIMIC)]
+    assert ch[2:] == [("Sans.ttf (x)", "/a/x/Sans.ttf"), ("Sans.ttf (y)", "/a/y/Sans.ttf"),
                       ("Serif.otf", "/b/Serif.otf")]
     assert len({label for label, _ in ch}) == len(ch)
     assert I.font_choices()[0] == (I.NO_FONT, I.NO_FONT)  # the system's list works too
@@ -329,7 +329,8 @@ def widget_values(**kw) -> tuple:
          "editor": None, "mask": None, "sort": "top-down (vertical)", "mode": I.MODE_TEACHER, "sampler": "ddim",
          "steps": 2, "cfg": 7.5, "strength": 1.0, "seed": 0, "width": S, "height": S, "num_images": 1}
     for i in range(1, I.MAX_LINES + 1):
-        v.update({f"font_{i}": I.NO_FONT, f"use_color_{i}": False, f"color_{i}": "#000000"})
+        v.update({f"font_{i}": I.NO_FONT, f"use_color_{i}": False, f"color_{i}": "#000000", f"mimic_{i}": None})
+    v.update({"revise": False, "hollow": True, "show_debug": True, "base_model": "", "style_loras": ""})
     v.update(kw)
     return tuple(v[name] for name in Handlers.INPUT_NAMES)
 
@@ -340,7 +341,8 @@ def test_handlers_generate_compare_and_errors(model_and_teacher_latents):
 
     m, _ = model_and_teacher_latents
     h = Handlers(Engine(m, lora_name="x"))
-    gallery, info, glyphs = h.generate(*widget_values(use_color_1=True, color_1="#ff0000"))
+    gallery, info, glyphs, debug = h.generate(*widget_values(use_color_1=True, color_1="#ff0000"))
+    assert [name for _, name in debug] == ["glyphs", "positions", "font_hint"]
     (img, caption), = gallery
     assert img.shape == (S, S, 3) and img.dtype == np.uint8 and img.std() > 0
     assert caption.startswith("seed 0 · ") and caption.endswith(" s")
@@ -425,3 +427,76 @@ def test_cli_ui_busy_port_fails_before_loading_the_model(capsys):
         assert main(["ui", "--port", str(port), "--model", "no/such/model"]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "pass another --port" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The original demo's extras: mimic font, revise position, hollow font, debug, base model and style LoRAs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def photo_editor(brushed: bool = True) -> dict:
+    """A "mimic from image" editor value: dark text on a light photo, the text brushed over (RGBA layer)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from anytext2_lcm.data.fonts import find_default_font
+
+    f = find_default_font()
+    img = Image.new("RGBA", (200, 100), (230, 220, 200, 255))
+    ImageDraw.Draw(img).text((20, 20), "Font", font=ImageFont.truetype(f.path, 44, index=f.index),
+                             fill=(20, 30, 40, 255))
+    layer = np.zeros((100, 200, 4), np.uint8)
+    if brushed:
+        layer[15:80, 15:150] = (255, 0, 255, 255)
+    return {"background": np.asarray(img), "layers": [layer], "composite": None}
+
+
+def test_line_styles_mimic_from_image_takes_the_editor_and_says_what_is_missing():
+    st = I.line_styles([I.MIMIC, "none"], [False, False], ["#000000", "#000000"], [photo_editor(), None])
+    image, mask = st[0].mimic
+    assert st[0].font is None and image.shape == (100, 200, 3) and mask[15:80, 15:150].min() == 255
+    assert mask.sum() == 255 * 65 * 135 and st[1].mimic is None
+    with pytest.raises(InputError, match="line 1: 'mimic from image' is chosen: upload an image"):
+        I.line_styles([I.MIMIC], [False], ["#000000"], [None])
+    with pytest.raises(InputError, match="line 2: brush over the text"):
+        I.line_styles(["none", I.MIMIC], [False, False], ["#000000"] * 2, [None, photo_editor(brushed=False)])
+    req, _ = I.build_request(ui(styles=st, revise_position=True, hollow_font=False))
+    assert req.mimic_fonts[0] is st[0].mimic and req.revise_position and not req.hollow_font
+
+
+def test_parse_community_fields():
+    from anytext2_lcm.lora.style import StyleLora
+
+    assert I.parse_community("", "") == (None, ())
+    assert I.parse_community(" /m/base.safetensors ", "a.safetensors:0.8\n\n/b c.pt:-1") == (
+        "/m/base.safetensors", (StyleLora("a.safetensors", 0.8), StyleLora("/b c.pt", -1.0)))
+    with pytest.raises(InputError, match="style LoRA 'a.safetensors': expected FILE:RATIO"):
+        I.parse_community("", "a.safetensors")
+
+
+def test_handlers_mimic_debug_and_a_style_lora_rebuild_the_engine(tmp_path):
+    gr = pytest.importorskip("gradio", reason="gradio is part of the test extra: make setup")
+    from test_community import write_style
+
+    from anytext2_lcm.ui.app import Handlers
+
+    eng = Engine.load("tiny")
+    path, _ = write_style(eng.model, tmp_path / "style.safetensors")
+    before = eng.model
+    h = Handlers(eng)
+    values = dict(font_2=I.MIMIC, mimic_2=photo_editor(), style_loras=f"{path}:0.5")
+    gallery, info, _, debug = h.generate(*widget_values(**values))
+    assert eng.model is not before and eng.community[1][0].ratio == 0.5 and "style" in eng.describe()
+    assert f"style `{path}` × 0.5" in info
+    shown = dict((name, img) for img, name in debug)
+    assert set(shown) == {"glyphs", "positions", "font_hint", "mimic_line2"} and shown["mimic_line2"].max() == 255
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"  # a module of the style
+    styled = eng.model.state_dict()[key].clone()
+    _, _, _, nodebug = h.generate(*widget_values(**{**values, "style_loras": "", "show_debug": False}))
+    assert eng.community == (None, ()) and nodebug == []
+    plain = before.state_dict()[key]
+    assert torch.equal(eng.model.state_dict()[key], plain) and not torch.equal(styled, plain)
+    with pytest.raises(gr.Error, match="does not exist"):
+        h.generate(*widget_values(base_model=str(tmp_path / "absent.safetensors")))
+    with pytest.raises(gr.Error, match="a fixed model"):
+        Handlers(Engine(trained_like_tiny())).generate(*widget_values(style_loras=f"{path}:1"))
+

@@ -1,10 +1,12 @@
 """`anytext2-lcm ui` in a real browser: the command is started on a free localhost port (tiny model, a student LoRA
 made here), and headless Chromium (the OS packages ``chromium`` + ``chromium-driver``, driven by Selenium; nothing
 downloads a browser) fills the prompt, uploads a position mask, draws a second region on the canvas, generates,
-and checks that a real image comes back; then a bad input and the compare view.
+and checks that a real image comes back; then a bad input, the compare view, and a font mimicked from a brushed
+photo with a style LoRA (the original demo's "Mimic From Image" and "LoRA Path and Ratio").
 
-Artifacts: ``test-artifacts/ui_screenshot.png`` (after the generation), ``test-artifacts/ui_compare.png`` and
-``test-artifacts/ui_browser_timing.json`` (server start and click-to-image seconds).
+Artifacts: ``test-artifacts/ui_screenshot.png`` (after the generation), ``test-artifacts/ui_compare.png``,
+``test-artifacts/ui_mimic_style.png`` and ``test-artifacts/ui_browser_timing.json`` (server start and click-to-image
+seconds).
 
 Skipped, with the reason, only when the OS packages are missing (``make browser`` installs them).
 """
@@ -71,19 +73,11 @@ def _fetch(url: str) -> bytes:
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory) -> Path:
     """A student LoRA for the tiny model (random, non-zero lora_B), as the distillation would save it."""
-    import torch
+    from test_community import save_random_student
 
-    from anytext2_lcm import lora as L
     from anytext2_lcm.factory import build_model
 
-    m = build_model("tiny")
-    L.apply_lora(m, L.LoraSpec(rank=4, alpha=4))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return L.save_lora(m, tmp_path_factory.mktemp("ui") / "adapter")
+    return save_random_student(build_model("tiny"), tmp_path_factory.mktemp("ui") / "adapter", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +87,7 @@ def server(adapter):
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", NO_PROXY="127.0.0.1,localhost",
                no_proxy="127.0.0.1,localhost", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "anytext2_lcm", "ui", "--model", "tiny", "--lora", str(adapter),
-           "--host", "127.0.0.1", "--port", str(port)]
+           "--host", "127.0.0.1", "--port", str(port), "--size", str(SIZE)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     lines: list[str] = []
@@ -176,9 +170,9 @@ def upload_mask(d, path: Path):
     WebDriverWait(d, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#mask_upload img"))
 
 
-def draw_stroke(d, y: int, x0: int, x1: int):
-    """Drag the brush across the positions canvas (offsets in CSS pixels from the canvas centre)."""
-    canvas = [c for c in d.find_elements(By.CSS_SELECTOR, "#positions_canvas canvas") if c.is_displayed()][0]
+def draw_stroke(d, y: int, x0: int, x1: int, editor: str = "#positions_canvas"):
+    """Drag the brush across an image editor's canvas (offsets in CSS pixels from the canvas centre)."""
+    canvas = [c for c in d.find_elements(By.CSS_SELECTOR, f"{editor} canvas") if c.is_displayed()][0]
     chain = ActionChains(d).move_to_element_with_offset(canvas, x0, y).click_and_hold()
     for x in range(x0, x1 + 1, 10):
         chain.move_to_element_with_offset(canvas, x, y)
@@ -304,3 +298,77 @@ def test_compare_teacher_and_student_from_the_browser(server, browser, tmp_path)
         assert label in table, table
     assert table.count("teacher + student LoRA") == 4
     d.save_screenshot(str(ARTIFACTS / "ui_compare.png"))
+
+
+@pytest.fixture(scope="module")
+def style_file(tmp_path_factory) -> Path:
+    """A kohya style LoRA (LoRA and LoCon modules, UNet and text encoder) for the tiny model."""
+    from test_community import fresh, write_style
+
+    path, _ = write_style(fresh(), tmp_path_factory.mktemp("style") / "style.safetensors")
+    return path
+
+
+def photo_file(tmp_path: Path) -> Path:
+    """A photo with dark text on a light background: the font to mimic."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from anytext2_lcm.data.fonts import find_default_font
+
+    f = find_default_font()
+    img = Image.new("RGB", (256, 128), (230, 220, 200))
+    ImageDraw.Draw(img).text((40, 30), "Hello", font=ImageFont.truetype(f.path, 48, index=f.index),
+                             fill=(20, 30, 40))
+    path = tmp_path / "photo.png"
+    img.save(path)
+    return path
+
+
+def open_accordion(d, elem_id: str, inside: str):
+    if not d.find_elements(By.CSS_SELECTOR, inside):
+        d.find_element(By.CSS_SELECTOR, f"#{elem_id} button.label-wrap").click()
+    WebDriverWait(d, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, inside))
+
+
+def choose(d, dropdown: str, value: str):
+    d.find_element(By.CSS_SELECTOR, f"{dropdown} input").click()
+    option = WebDriverWait(d, 10).until(lambda d: [o for o in d.find_elements(By.CSS_SELECTOR, "[role=option]")
+                                                   if o.get_attribute("aria-label") == value])
+    option[0].click()
+    WebDriverWait(d, 10).until(lambda d: d.find_element(By.CSS_SELECTOR, f"{dropdown} input")
+                               .get_attribute("value") == value)
+
+
+def test_mimic_font_and_style_lora_from_the_browser(server, browser, tmp_path, style_file):
+    d = browser
+    open_page(d, server)
+    set_prompt(d, 'a shop sign that says "Hello"')
+    upload_mask(d, mask_file(tmp_path, (30, 30, 226, 120)))
+    open_accordion(d, "line_styles", "#font_1 input")
+    choose(d, "#font_1", "mimic from image")  # the line's image editor appears, as in the original demo
+    WebDriverWait(d, 10).until(lambda d: d.find_element(By.CSS_SELECTOR, "#mimic_1").is_displayed())
+    d.find_element(By.CSS_SELECTOR, "#mimic_1 input[type=file]").send_keys(str(photo_file(tmp_path)))
+    WebDriverWait(d, 30).until(lambda d: [c for c in d.find_elements(By.CSS_SELECTOR, "#mimic_1 canvas")
+                                          if c.is_displayed()])
+    brush = d.find_elements(By.CSS_SELECTOR, '#mimic_1 button[aria-label="Brush"]')
+    if brush:
+        brush[0].click()
+    for y in (-30, -15, 0, 15, 30):  # brush over the word
+        draw_stroke(d, y=y, x0=-140, x1=60, editor="#mimic_1")
+    open_accordion(d, "own_models", "#style_loras textarea")
+    box = d.find_element(By.CSS_SELECTOR, "#style_loras textarea")
+    box.send_keys(f"{style_file}:0.8")
+    WebDriverWait(d, 10).until(lambda d: box.get_attribute("value") == f"{style_file}:0.8")
+    d.find_element(By.CSS_SELECTOR, "#generate_btn").click()
+    imgs = wait_images(d, "#result_gallery", 1, timeout=120)
+    assert decoded(imgs[0]).shape == (SIZE, SIZE, 3)
+    info = d.find_element(By.CSS_SELECTOR, "#result_info").text
+    assert f"style {style_file} × 0.8" in " ".join(info.replace("`", "").split()), info
+    debug = wait_images(d, "#debug_gallery", 4, timeout=30)
+    captions = [e.text for e in d.find_elements(By.CSS_SELECTOR, "#debug_gallery .caption-label")]
+    assert "mimic_line1" in captions, captions
+    crop = decoded(debug[captions.index("mimic_line1")])
+    assert crop.max() == 255 and 0.02 < (crop[..., 0] > 127).mean() < 0.5  # the word's strokes, cut upright
+    assert "style" in d.find_element(By.TAG_NAME, "body").text and not error_toasts(d)
+    d.save_screenshot(str(ARTIFACTS / "ui_mimic_style.png"))
+

@@ -26,7 +26,8 @@ ELEM = {  # element ids the browser test (and custom CSS) rely on
     "prompt": "prompt", "task": "task", "canvas": "positions_canvas", "edit": "edit_canvas",
     "mask": "mask_upload", "generate": "generate_btn", "compare": "compare_btn", "gallery": "result_gallery",
     "info": "result_info", "glyphs": "glyph_preview", "compare_gallery": "compare_gallery",
-    "compare_info": "compare_info",
+    "compare_info": "compare_info", "debug_gallery": "debug_gallery", "base_model": "base_model",
+    "style_loras": "style_loras", "revise": "revise_position", "hollow": "hollow_font", "show_debug": "show_debug",
 }
 
 DEFAULT_PROMPT = 'a shop sign that says "Hello" and "World"'
@@ -72,7 +73,9 @@ class Handlers:
     INPUT_NAMES = ("prompt", "task", "canvas", "editor", "mask", "sort",
                    *(f"font_{i + 1}" for i in range(I.MAX_LINES)), *(f"use_color_{i + 1}" for i in range(I.MAX_LINES)),
                    *(f"color_{i + 1}" for i in range(I.MAX_LINES)),
-                   "mode", "sampler", "steps", "cfg", "strength", "seed", "width", "height", "num_images")
+                   "mode", "sampler", "steps", "cfg", "strength", "seed", "width", "height", "num_images",
+                   *(f"mimic_{i + 1}" for i in range(I.MAX_LINES)), "revise", "hollow", "show_debug", "base_model",
+                   "style_loras")
 
     def __init__(self, engine: Engine, edit_max_side: int = 512):
         self.engine = engine
@@ -84,12 +87,18 @@ class Handlers:
         v = dict(zip(self.INPUT_NAMES, values))
         n = range(1, I.MAX_LINES + 1)
         styles = I.line_styles([v[f"font_{i}"] for i in n], [v[f"use_color_{i}"] for i in n],
-                               [v[f"color_{i}"] for i in n])
+                               [v[f"color_{i}"] for i in n], [v[f"mimic_{i}"] for i in n])
         return I.UiInputs(
             prompt=v["prompt"], task=v["task"], drawn=v["canvas"], uploaded_mask=v["mask"], edit=v["editor"],
             sort=v["sort"], styles=styles, mode=v["mode"], sampler=v["sampler"], steps=v["steps"], seed=v["seed"],
             cfg_scale=v["cfg"], strength=v["strength"], width=v["width"], height=v["height"],
-            num_images=v["num_images"], edit_max_side=self.edit_max_side, glyph_font=self.engine.glyph_font)
+            num_images=v["num_images"], edit_max_side=self.edit_max_side, glyph_font=self.engine.glyph_font,
+            revise_position=bool(v["revise"]), hollow_font=bool(v["hollow"]))
+
+    def community(self, values: Sequence[Any]) -> tuple:
+        """(base model, style LoRAs) of the "your own models and styles" fields (syntax checked)."""
+        v = dict(zip(self.INPUT_NAMES, values))
+        return I.parse_community(v["base_model"], v["style_loras"])
 
     def prepare(self, values: Sequence[Any]):
         import gradio as gr
@@ -97,11 +106,12 @@ class Handlers:
         try:
             ui = self.collect(values)
             req, notes = I.build_request(ui)
+            community = self.community(values)
         except InputError as e:
             raise gr.Error(_html(e), print_exception=False) from None
         for n in notes:
             gr.Warning(_html(n))
-        return ui, req
+        return ui, req, community
 
     def _call(self, fn, *args, **kwargs):
         import gradio as gr
@@ -117,16 +127,16 @@ class Handlers:
             raise gr.Error(_html(_friendly(e)), print_exception=False) from None
 
     def generate(self, *values, progress=_no_progress):
-        """→ (gallery [(image, caption)], info markdown, glyph preview)."""
+        """→ (gallery [(image, caption)], info markdown, glyph preview, debug gallery [(image, caption)])."""
         import gradio as gr
 
-        ui, req = self.prepare(values)
+        ui, req, community = self.prepare(values)
         progress(0, desc="rendering the text lines")
 
         def on_step(i, t, x):
             progress((i + 1) / req.steps, desc=f"step {i + 1}/{req.steps}")
 
-        res = self._call(self.engine.run, req, ui.mode, callback=on_step)
+        res = self._call(self.engine.run, req, ui.mode, callback=on_step, community=community)
         for w in res.warnings:
             if " positions but " not in w:  # already said by build_request, in the UI's words
                 gr.Warning(_html(w))
@@ -136,8 +146,10 @@ class Handlers:
         lines = ", ".join(f'"{t}"' for t in res.texts if t.strip()) or "(no text lines)"
         info = (f"**{ui.mode}** · {req.sampler.upper()} {req.steps} step{'s' if req.steps > 1 else ''} · "
                 f"CFG {req.cfg_scale:g} · seed {req.seed} · {req.width}×{req.height}  \n"
-                f"**{I.format_seconds(res.seconds)}**  \nlines: {lines}")
-        return gallery, info, res.glyph_preview
+                f"**{I.format_seconds(res.seconds)}**  \nlines: {lines}{_own_models(community)}")
+        debug = [(img, name) for name, img in res.debug_images.items()] if values[self.INPUT_NAMES.index(
+            "show_debug")] else []
+        return gallery, info, res.glyph_preview, debug
 
     def compare(self, *values, progress=_no_progress, student_steps: Sequence[int] = I.STUDENT_STEPS,
                 teacher_steps: int = I.TEACHER_STEPS):
@@ -147,7 +159,7 @@ class Handlers:
         if not self.engine.has_lora:
             raise gr.Error("The compare view needs a student: start the UI with --lora ADAPTER "
                            "(the distillation's adapter folder or .safetensors).", print_exception=False)
-        ui, req = self.prepare(values)
+        ui, req, community = self.prepare(values)
         student_mode = ui.mode if ui.mode != I.MODE_TEACHER else I.MODE_STUDENT
         plans = I.compare_plan(req, student_mode=student_mode, student_sampler=ui.sampler,
                                student_steps=student_steps, teacher_steps=teacher_steps)
@@ -155,12 +167,18 @@ class Handlers:
         def on_cell(i, n, label):
             progress(i / n, desc=label)
 
-        cells = self._call(self.engine.compare, plans, progress=on_cell)
+        cells = self._call(self.engine.compare, plans, progress=on_cell, community=community)
         gallery = [(c.result.images[0], f"{c.label} · {c.result.seconds['total']:.2f} s") for c in cells]
         rows = "\n".join(f"| {c.label} | {c.mode} | {c.result.seconds['total']:.2f} |" for c in cells)
         info = (f"Same inputs and seed {req.seed}; the student runs without CFG.\n\n"
                 f"| run | model | seconds |\n|---|---|---|\n{rows}")
         return gallery, info
+
+
+def _own_models(community: tuple) -> str:
+    base, styles = community
+    parts = ([f"base model `{_html(base)}`"] if base else []) + [f"style `{_html(s.path)}` × {s.ratio:g}" for s in styles]
+    return ("  \n" + " · ".join(parts)) if parts else ""
 
 
 def build_app(engine: Engine, *, default_size: int | None = None, font_files: Sequence[str] | None = None,
@@ -229,8 +247,8 @@ def build_app(engine: Engine, *, default_size: int | None = None, font_files: Se
                                 elem_id=ELEM["mask"], format="png")
                 sort = gr.Radio(list(I.SORT_CHOICES), value=next(iter(I.SORT_CHOICES)),
                                 label="Order of the regions (line 1 = first region)")
-                fonts, use_colors, colors = [], [], []
-                with gr.Accordion("Font and colour per line", open=False):
+                fonts, use_colors, colors, mimics = [], [], [], []
+                with gr.Accordion("Font and colour per line", open=False, elem_id="line_styles"):
                     for i in range(I.MAX_LINES):
                         with gr.Row(equal_height=True):
                             fonts.append(gr.Dropdown(choices, value=I.NO_FONT, label=f"Line {i + 1} font",
@@ -239,6 +257,18 @@ def build_app(engine: Engine, *, default_size: int | None = None, font_files: Se
                                                           elem_id=f"use_color_{i + 1}"))
                             colors.append(gr.ColorPicker(value="#000000", label=f"Line {i + 1} colour", scale=1,
                                                          elem_id=f"color_{i + 1}"))
+                        mimics.append(_mimic_editor(gr, i + 1, size))
+                with gr.Accordion("Your own models and styles", open=False, elem_id="own_models"):
+                    base, styles = engine.community
+                    base_model = gr.Textbox(value=base or "", label="Base model: a community SD-1.5 .safetensors/"
+                                            ".ckpt (ldm layout) or diffusers folder on the server", elem_id=ELEM["base_model"])
+                    style_loras = gr.Textbox(value="\n".join(f"{x.path}:{x.ratio:g}" for x in styles), lines=2,
+                                             label="Style LoRAs (kohya SD-1.5), one FILE:RATIO per line",
+                                             elem_id=ELEM["style_loras"])
+                    with gr.Row():
+                        revise = gr.Checkbox(value=False, label="Revise position", elem_id=ELEM["revise"])
+                        hollow = gr.Checkbox(value=True, label="Use hollow font", elem_id=ELEM["hollow"])
+                        show_debug = gr.Checkbox(value=True, label="Show debug", elem_id=ELEM["show_debug"])
                 with gr.Accordion("Model and sampling", open=True):
                     mode = gr.Radio(modes, value=I.MODE_TEACHER, label="Model", elem_id="model_mode")
                     with gr.Row():
@@ -266,6 +296,9 @@ def build_app(engine: Engine, *, default_size: int | None = None, font_files: Se
                         info = gr.Markdown(elem_id=ELEM["info"])
                         glyphs = gr.Image(label="Rendered glyphs and positions", interactive=False, height=260,
                                           format="png", elem_id=ELEM["glyphs"])
+                        debug_gallery = gr.Gallery(label="Debug: glyphs, positions, font hint, mimicked fonts",
+                                                   columns=4, height="auto", format="png", object_fit="contain",
+                                                   elem_id=ELEM["debug_gallery"])
                     with gr.Tab("Compare"):
                         gr.Markdown("Teacher: DDIM 20 steps + CFG 7.5. Student (the model choice if it is a "
                                     "student, else teacher + LoRA; the sampler if not DDIM, else LCM): "
@@ -276,15 +309,28 @@ def build_app(engine: Engine, *, default_size: int | None = None, font_files: Se
                         cmp_info = gr.Markdown(elem_id=ELEM["compare_info"])
 
         inputs = [prompt, task, canvas, editor, mask, sort, *fonts, *use_colors, *colors,
-                  mode, sampler, steps, cfg, strength, seed, width, height, num_images]
-        gen_btn.click(generate, inputs, [gallery, info, glyphs], concurrency_id="model", concurrency_limit=1,
-                      show_progress_on=[gallery])
+                  mode, sampler, steps, cfg, strength, seed, width, height, num_images,
+                  *mimics, revise, hollow, show_debug, base_model, style_loras]
+        gen_btn.click(generate, inputs, [gallery, info, glyphs, debug_gallery], concurrency_id="model",
+                      concurrency_limit=1, show_progress_on=[gallery])
+        for font, mimic in zip(fonts, mimics):
+            font.change(lambda f: gr.update(visible=f == I.MIMIC), font, mimic, queue=False)
         cmp_btn.click(compare, inputs, [cmp_gallery, cmp_info], concurrency_id="model", concurrency_limit=1)
         task.change(on_task, task, [gen_group, edit_group, mask], queue=False)
         mode.change(on_mode, mode, [sampler, steps, cfg], queue=False)
         width.release(on_size, [width, height], canvas, queue=False)
         height.release(on_size, [width, height], canvas, queue=False)
     return app
+
+
+def _mimic_editor(gr, line: int, size: int):
+    """A line's "mimic from image" editor (shown when its font is "mimic from image", as the original demo)."""
+    return gr.ImageEditor(
+        label=f"Line {line}: upload an image, then brush over the text whose font to copy (best: as many characters)",
+        type="numpy", image_mode="RGBA", sources=("upload", "clipboard"), transforms=(), layers=False,
+        brush=gr.Brush(colors=["#ff00ff"], default_color="#ff00ff", color_mode="fixed",
+                       default_size=max(4, size // 16)),
+        visible=False, elem_id=f"mimic_{line}", format="png")
 
 
 def launch(app, host: str = "127.0.0.1", port: int | None = None, quiet: bool = True) -> str:

@@ -31,6 +31,10 @@ MAX_LINES = 5
 NO_FONT = "none"
 """Font dropdown value for "no font chosen" (blank font hint)."""
 
+MIMIC = "mimic from image"
+"""Font dropdown value for "Mimic From Image": the line's font hint comes from a brushed region of an uploaded image
+(the line's image editor appears)."""
+
 TASK_GENERATE = "Generate"
 TASK_EDIT = "Edit"
 TASKS = (TASK_GENERATE, TASK_EDIT)
@@ -63,13 +67,13 @@ def mode_defaults(mode: str) -> tuple[str, int, float]:
 
 
 def font_choices(files: Sequence[str] | None = None) -> list[tuple[str, str]]:
-    """Dropdown choices ``(label, value)``: ``none`` first, then one per font file (label = file name, with the
-    parent folder when two files share a name; value = the path)."""
+    """Dropdown choices ``(label, value)``: ``none`` and ``mimic from image`` first, then one per font file (label =
+    file name, with the parent folder when two files share a name; value = the path)."""
     files = list(system_font_files() if files is None else files)
     names: dict[str, int] = {}
     for f in files:
         names[os.path.basename(f)] = names.get(os.path.basename(f), 0) + 1
-    out = [(NO_FONT, NO_FONT)]
+    out = [(NO_FONT, NO_FONT), (MIMIC, MIMIC)]
     for f in files:
         base = os.path.basename(f)
         label = base if names[base] == 1 else f"{base} ({os.path.basename(os.path.dirname(f))})"
@@ -108,25 +112,58 @@ def parse_color(value: Any) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class LineStyle:
-    """One line's font file (None: no font chosen) and colour (None: unspecified)."""
+    """One line's font file (None: no font chosen), colour (None: unspecified) and mimicked font ((image, mask) of
+    "mimic from image", else None)."""
 
     font: str | None = None
     color: tuple[int, int, int] | None = None
+    mimic: tuple | None = None
 
 
-def line_styles(fonts: Sequence[Any], use_colors: Sequence[Any], colors: Sequence[Any]) -> list[LineStyle]:
-    """The per-line rows of the UI → one :class:`LineStyle` per row (trailing rows included)."""
+def mimic_from_editor(editor: Any, line: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image, brushed mask) of a line's "mimic from image" editor; an InputError saying what to do when the image or
+    the strokes are missing."""
+    image, mask = editor_background(editor), mask_from_strokes(editor)
+    if image is None:
+        raise InputError(f"line {line}: 'mimic from image' is chosen: upload an image with the text whose font to copy")
+    if mask is None or not mask.any():
+        raise InputError(f"line {line}: brush over the text whose font to copy in the uploaded image")
+    return image, mask
+
+
+def line_styles(fonts: Sequence[Any], use_colors: Sequence[Any], colors: Sequence[Any],
+                mimics: Sequence[Any] = ()) -> list[LineStyle]:
+    """The per-line rows of the UI → one :class:`LineStyle` per row (trailing rows included); ``mimics`` are the
+    rows' "mimic from image" editors."""
     n = max(len(fonts), len(use_colors), len(colors))
     out = []
     for i in range(n):
         f = fonts[i] if i < len(fonts) else None
-        font = None if f in (None, "", NO_FONT) else str(f)
+        mimic = mimic_from_editor(mimics[i] if i < len(mimics) else None, i + 1) if f == MIMIC else None
+        font = None if f in (None, "", NO_FONT, MIMIC) else str(f)
         use = bool(use_colors[i]) if i < len(use_colors) else False
         color = parse_color(colors[i]) if use and i < len(colors) and colors[i] not in (None, "") else None
         if use and color is None:
             raise InputError(f"line {i + 1}: colour is switched on but no colour is picked")
-        out.append(LineStyle(font, color))
+        out.append(LineStyle(font, color, mimic))
     return out
+
+
+def parse_community(base_model: Any, style_loras: Any) -> tuple[str | None, tuple]:
+    """The "your own models and styles" fields → (base model path or None, ``StyleLora`` per non-empty line of
+    ``FILE:RATIO``). Only the syntax is checked here; the files are read by the engine."""
+    from ..config import ConfigError
+    from ..lora.style import StyleLora
+
+    base = str(base_model).strip() if base_model else ""
+    loras = []
+    for line in str(style_loras or "").splitlines():
+        if line.strip():
+            try:
+                loras.append(StyleLora.parse(line.strip()))
+            except ConfigError as e:
+                raise InputError(str(e).replace("--style-lora", "style LoRA")) from None
+    return base or None, tuple(loras)
 
 
 def prompt_lines(prompt: str, max_chars: int = 20) -> list[str]:
@@ -270,6 +307,10 @@ class UiInputs:
     a_prompt: str = DEFAULT_A_PROMPT
     n_prompt: str = DEFAULT_N_PROMPT
     glyph_font: str | None = None
+    revise_position: bool = False
+    """The original demo's "Revise Position" (off by default; ignored in editing)."""
+    hollow_font: bool = True
+    """The original demo's "Use hollow font" (on by default there)."""
 
 
 def _int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
@@ -372,7 +413,7 @@ def build_request(ui: UiInputs) -> tuple[GenerationRequest, list[str]]:
     styles = list(ui.styles or [])
     if len(lines) > MAX_LINES:
         notes.append(f"{len(lines)} lines: lines after the {MAX_LINES}th get no font and an unspecified colour.")
-    extra = [i + 1 for i, s in enumerate(styles) if i >= len(lines) and (s.font or s.color)]
+    extra = [i + 1 for i, s in enumerate(styles) if i >= len(lines) and (s.font or s.color or s.mimic)]
     if extra:
         notes.append(f"font/colour set for line{'s' if len(extra) > 1 else ''} {', '.join(map(str, extra))} but the "
                      f"prompt has {len(lines)} quoted line{'s' if len(lines) != 1 else ''}: ignored.")
@@ -382,6 +423,8 @@ def build_request(ui: UiInputs) -> tuple[GenerationRequest, list[str]]:
     req = GenerationRequest(
         prompt=prompt, mask=mask if (mask is not None and lines) else None, sort=sort,
         fonts=[s.font for s in styles] or None, colors=[s.color for s in styles] or None,
+        mimic_fonts=[s.mimic for s in styles] or None, revise_position=bool(ui.revise_position),
+        hollow_font=bool(ui.hollow_font),
         edit_image=edit_image, height=height, width=width, num_images=num_images, seed=seed, steps=steps,
         sampler=ui.sampler, cfg_scale=cfg, strength=strength, a_prompt=ui.a_prompt, n_prompt=ui.n_prompt,
         glyph_font=ui.glyph_font)
