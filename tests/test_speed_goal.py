@@ -91,10 +91,12 @@ def test_goal_ratios_and_checks_by_hand():
     base, bf = doc["settings"]
     assert doc["reference_teacher"]["seconds"] == 40.0 and doc["reference_teacher"]["runtime"] == "separate_cfg"
     assert base["vs_reference"] == {"student@1": 10.0, "student@2": 8.0, "student@4": 5.0}
-    assert base["goal"] == {"min": 16.0, "measured": 5.0, "pass": False}
+    assert base["goal"] == {"min": 16.0, "measured": 5.0, "measured_cpu_time": 5.0, "pass": False,
+                            "pass_cpu_time": False}
     assert bf["vs_reference"]["student@4"] == 20.0 and bf["goal"]["pass"]
     assert bf["vs_reference_cpu_time"]["student@4"] == 20.0  # CPU times are 2x both sides
     assert bf["vs_like_for_like"]["student@4"] == 6.0 and "vs_like_for_like" not in base
+    assert bf["cpu_seconds"]["student@4"] == 4.0 and bf["vs_like_for_like_cpu_time"]["student@4"] == 6.0
     # latents 1.1 vs 1.0: relative MSE 0.01; identical images: infinite PSNR
     assert bf["drift"]["student@4"]["latent_rel_mse"] == pytest.approx(0.01)
     assert bf["drift"]["student@4"]["image_psnr_db"] == float("inf")

@@ -605,11 +605,10 @@ def _goal_from_args(args) -> int:
                      teacher_steps=args.teacher_steps[0], teacher_cfg=args.teacher_cfg,
                      student_sampler=args.student_sampler, repeats=args.repeats,
                      tiny_decoder=args.tiny_decoder or "random")
-    doc = run_goal(cfg, log_fn=lambda s: print(s, flush=True))
+    save = (lambda d: _write_json(args.json, d)) if args.json else None  # after each size: a long run keeps it
+    doc = run_goal(cfg, log_fn=lambda s: print(s, flush=True), on_size=save)
     print()
     print(format_goal(doc))
-    if args.json:
-        _write_json(args.json, doc)
     return 0
 
 
