@@ -258,17 +258,7 @@ def build_app(engine: Engine, *, default_size: int | None = None, font_files: Se
                             colors.append(gr.ColorPicker(value="#000000", label=f"Line {i + 1} colour", scale=1,
                                                          elem_id=f"color_{i + 1}"))
                         mimics.append(_mimic_editor(gr, i + 1, size))
-                with gr.Accordion("Your own models and styles", open=False, elem_id="own_models"):
-                    base, styles = engine.community
-                    base_model = gr.Textbox(value=base or "", label="Base model: a community SD-1.5 .safetensors/"
-                                            ".ckpt (ldm layout) or diffusers folder on the server", elem_id=ELEM["base_model"])
-                    style_loras = gr.Textbox(value="\n".join(f"{x.path}:{x.ratio:g}" for x in styles), lines=2,
-                                             label="Style LoRAs (kohya SD-1.5), one FILE:RATIO per line",
-                                             elem_id=ELEM["style_loras"])
-                    with gr.Row():
-                        revise = gr.Checkbox(value=False, label="Revise position", elem_id=ELEM["revise"])
-                        hollow = gr.Checkbox(value=True, label="Use hollow font", elem_id=ELEM["hollow"])
-                        show_debug = gr.Checkbox(value=True, label="Show debug", elem_id=ELEM["show_debug"])
+                base_model, style_loras, revise, hollow, show_debug = _own_models_widgets(gr, engine)
                 with gr.Accordion("Model and sampling", open=True):
                     mode = gr.Radio(modes, value=I.MODE_TEACHER, label="Model", elem_id="model_mode")
                     with gr.Row():
@@ -321,6 +311,22 @@ def build_app(engine: Engine, *, default_size: int | None = None, font_files: Se
         width.release(on_size, [width, height], canvas, queue=False)
         height.release(on_size, [width, height], canvas, queue=False)
     return app
+
+
+def _own_models_widgets(gr, engine: Engine) -> tuple:
+    """The accordion "Your own models and styles" (the original demo's base model path, LoRA paths and ratios, and
+    its revise-position / hollow-font / show-debug switches, with its defaults) → its five widgets."""
+    with gr.Accordion("Your own models and styles", open=False, elem_id="own_models"):
+        base, styles = engine.community
+        base_model = gr.Textbox(value=base or "", label="Base model: a community SD-1.5 .safetensors/.ckpt (ldm layout) "
+                                "or diffusers folder on the server", elem_id=ELEM["base_model"])
+        style_loras = gr.Textbox(value="\n".join(f"{x.path}:{x.ratio:g}" for x in styles), lines=2,
+                                 label="Style LoRAs (kohya SD-1.5), one FILE:RATIO per line", elem_id=ELEM["style_loras"])
+        with gr.Row():
+            revise = gr.Checkbox(value=False, label="Revise position", elem_id=ELEM["revise"])
+            hollow = gr.Checkbox(value=True, label="Use hollow font", elem_id=ELEM["hollow"])
+            show_debug = gr.Checkbox(value=True, label="Show debug", elem_id=ELEM["show_debug"])
+    return base_model, style_loras, revise, hollow, show_debug
 
 
 def _mimic_editor(gr, line: int, size: int):
