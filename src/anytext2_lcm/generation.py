@@ -398,7 +398,7 @@ class Generator:
         glyph_font = self._font(req)
         fonts = list(req.fonts or [])
         colors = list(req.colors or [])
-        style_crops = mimic_crops(req, n, warnings)
+        style_crops = mimic_crops(req, n, warnings) if not no_text else {}  # no line: nothing to mimic for
         if len(fonts) > n or len(colors) > n:
             warnings.append("more fonts/colours than lines: the extras are ignored")
         scale = self.model.cfg.writenet.glyph_scale
