@@ -227,3 +227,30 @@ def default_sampling(lora: str | None, sampler: str | None = None):
         log.warning("%s records no sampling; using the LCM sampler, 4 steps, no CFG (pass --sampler/--steps/--cfg)",
                     lora)
     return student_sampling("lcm")
+
+
+def dataclass_flag(p, cls: type, name: str, **kwargs) -> None:
+    """Add ``--name`` for the field ``name`` of the config dataclass ``cls``: its default and its help (the first
+    sentence of the field's docstring) come from the dataclass, so the flag cannot drift from the config it fills;
+    ``kwargs`` (type, choices, metavar, a default for a required field) go to ``add_argument``."""
+    import dataclasses
+
+    from ..config_docs import field_docs
+
+    f = next(x for x in dataclasses.fields(cls) if x.name == name)
+    if "default" not in kwargs:
+        if f.default is not dataclasses.MISSING:
+            kwargs["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            kwargs["default"] = f.default_factory()  # type: ignore[misc]
+    doc = field_docs(cls).get(name, "")
+    kwargs.setdefault("help", doc.split(". ")[0].rstrip(".").replace("%", "%%"))
+    if kwargs.get("type") is None and isinstance(kwargs.get("default"), bool):
+        kwargs.pop("type", None)
+        kwargs["action"] = "store_false" if kwargs["default"] else "store_true"
+    p.add_argument("--" + name.replace("_", "-"), dest=name, **kwargs)
+
+
+def dataclass_values(args, cls: type, names) -> dict:
+    """``{name: args.name}`` for the fields ``names`` of ``cls`` (the flags :func:`dataclass_flag` added)."""
+    return {n: getattr(args, n) for n in names}

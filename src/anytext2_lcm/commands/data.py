@@ -10,8 +10,32 @@ from ..cli import HelpFormatter
 log = logging.getLogger(__name__)
 
 
-def register(subparsers) -> None:
+def MAKE_DATA_FLAGS(PROB) -> dict[str, dict]:
+    """The ``SynthConfig`` fields make-data exposes, with their parse types (defaults and help: the dataclass)."""
     from .common import POSITIVE, SEED, number
+
+    return {"num": {"type": POSITIVE, "default": 200}, "size": {"type": number(64, 16384, integer=True)},
+            "vary_size": {}, "min_lines": {"type": POSITIVE}, "max_lines": {"type": POSITIVE},
+            "chinese_prob": {"type": PROB}, "vertical_prob": {"type": PROB}, "seed": {"type": SEED},
+            "font_dir": {}, "font": {}, "backgrounds": {"choices": ("mixed", "simple")}, "vocabulary": {},
+            "text_size": {"type": _pair, "metavar": "LOW,HIGH"}, "max_angle": {"type": number(0, 90)},
+            "invalid_prob": {"type": PROB}, "no_color_prob": {"type": PROB}, "shard_size": {"type": POSITIVE}}
+
+
+def _pair(text: str) -> tuple[float, float]:
+    """``LOW,HIGH`` → two floats."""
+    import argparse as _a
+
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise _a.ArgumentTypeError(f"expected LOW,HIGH (e.g. 0.04,0.12), got {text!r}") from None
+    return lo, hi
+
+
+def register(subparsers) -> None:
+    from ..data.synthetic import SynthConfig
+    from .common import POSITIVE, dataclass_flag, number
 
     PROB = number(0, 1)
     fmt = HelpFormatter
@@ -22,30 +46,8 @@ def register(subparsers) -> None:
                     "backgrounds, and write the images with an AnyWord-3M annotation file that the training reader "
                     "and validate-data accept.")
     p.add_argument("--out", required=True, help="output folder (images/ and anyword_synth*.json are written there)")
-    p.add_argument("--num", type=POSITIVE, default=200, help="number of images")
-    p.add_argument("--size", type=number(64, 16384, integer=True), default=512, help="image side in pixels")
-    p.add_argument("--vary-size", action="store_true", help="random non-square sizes around --size")
-    p.add_argument("--min-lines", type=POSITIVE, default=1, help="fewest text lines per image")
-    p.add_argument("--max-lines", type=POSITIVE, default=5, help="most text lines per image")
-    p.add_argument("--chinese-prob", type=PROB, default=0.4, help="probability that a line is Chinese")
-    p.add_argument("--vertical-prob", type=PROB, default=0.15, help="probability that a line is vertical")
-    p.add_argument("--seed", type=SEED, default=0, help="image i depends only on (seed, i)")
-    p.add_argument("--font-dir", default=None, help="fonts to draw with (default: the system's fonts)")
-    p.add_argument("--font", default=None,
-                   help="one font (FILE or FILE#INDEX) for every line; 'default': the glyph renderer's font")
-    p.add_argument("--backgrounds", choices=("mixed", "simple"), default="mixed",
-                   help="photographs and procedural backgrounds, or plain colours, gradients and simple textures")
-    p.add_argument("--vocabulary", default="builtin",
-                   help="builtin, testbed-train (random strings, never a held-out word), testbed-heldout (the "
-                        "held-out words) or a UTF-8 word-list file (one line of text per row)")
-    p.add_argument("--text-size", default="0.04,0.12", metavar="LOW,HIGH",
-                   help="font size range as a fraction of the image's short side")
-    p.add_argument("--max-angle", type=number(0, 90), default=60.0, help="largest tilt of a horizontal line (degrees)")
-    p.add_argument("--invalid-prob", type=PROB, default=0.1,
-                   help="probability of an extra faint word recorded as valid: false")
-    p.add_argument("--no-color-prob", type=PROB, default=0.1,
-                   help="probability that a line's colour is not recorded")
-    p.add_argument("--shard-size", type=POSITIVE, default=10000, help="rows per JSON file")
+    for name, kw in MAKE_DATA_FLAGS(PROB).items():
+        dataclass_flag(p, SynthConfig, name, **kw)
     p.add_argument("--workers", type=number(1, 1024, integer=True), default=1, help="processes")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     p.set_defaults(func=make_data)
@@ -101,19 +103,12 @@ def register(subparsers) -> None:
 def make_data(args) -> int:
     from ..cli import UsageError
     from ..data.synthetic import SynthConfig, write_dataset
+    from .common import dataclass_values
 
     out = Path(args.out)
     if out.exists() and any(out.glob("anyword_synth*.json")) and not args.overwrite:
         raise UsageError(f"{out} already holds a dataset (anyword_synth*.json); pass --overwrite or another --out")
-    try:
-        text_size = tuple(float(v) for v in args.text_size.split(","))
-    except ValueError:
-        raise UsageError(f"--text-size {args.text_size!r}: expected LOW,HIGH (e.g. 0.04,0.12)") from None
-    cfg = SynthConfig(num=args.num, size=args.size, vary_size=args.vary_size, min_lines=args.min_lines,
-                      max_lines=args.max_lines, chinese_prob=args.chinese_prob, vertical_prob=args.vertical_prob,
-                      seed=args.seed, font_dir=args.font_dir, shard_size=args.shard_size, font=args.font,
-                      backgrounds=args.backgrounds, vocabulary=args.vocabulary, text_size=text_size,
-                      max_angle=args.max_angle, invalid_prob=args.invalid_prob, no_color_prob=args.no_color_prob)
+    cfg = SynthConfig(**dataclass_values(args, SynthConfig, MAKE_DATA_FLAGS(None)))
     previous = set(out.glob("anyword_synth*.json")) if args.overwrite else set()
     paths = write_dataset(cfg, out, workers=max(args.workers, 1))
     for old in previous - set(paths):  # only once the new dataset is written: a failure keeps the old one
