@@ -43,11 +43,12 @@ trains (``tests/test_lora.py`` checks it), and what is frozen is decided here, b
 
 from .inventory import (  # noqa: F401
     NETWORKS, ROLES,
-    ModuleInfo, classify, module_table, seed_categories, format_inventory,
+    ModuleInfo, classify, module_table, seed_categories,
 )
 from .targets import (  # noqa: F401
     TARGET_PRESETS,
-    TARGETS_FORMAT, TargetPreset, parse_preset_expression, resolve_targets, targets_document, write_targets,
+    TARGETS_FORMAT, TargetPreset, format_inventory, parse_preset_expression, resolve_targets, targets_document,
+    write_targets,
     read_targets,
 )
 from .adapters import (  # noqa: F401

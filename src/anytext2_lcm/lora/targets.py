@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch.nn as nn
 
 from ..config import ConfigError
-from .inventory import _TRUNK_PARTS, ModuleInfo, module_table
+from .inventory import _COLUMNS, _TRUNK_PARTS, ROLES, ModuleInfo, module_table, seed_categories
 
 log = logging.getLogger(__name__)
 
@@ -193,3 +193,60 @@ def read_targets(path: str | Path) -> list[str]:
     if not names or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"{path}: the target list is empty or holds non-strings")
     return list(names)
+
+
+def _human(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def format_inventory(table: list[ModuleInfo], rank: int = 64, list_modules: bool = False,
+                     title: str = "") -> str:
+    """The ``inspect`` report: roles × networks (module counts, parameters), seed categories, target presets."""
+
+    lines = []
+    if title:
+        lines.append(title)
+    lines.append("Linear/Conv2d modules by role and network (U = UNet, W = WriteNet; emb = text-embedding module):")
+    head = f"{'role':<27}{'tag':<24}" + "".join(f"{h:>8}" for h, _ in _COLUMNS) + f"{'params':>10}"
+    lines.append(head)
+    lines.append("-" * len(head))
+    totals = [0] * len(_COLUMNS)
+    for role, label in ROLES.items():
+        rows = [m for m in table if m.role == role]
+        if not rows:
+            continue
+        counts = [sum(pred(m) for m in rows) for _, pred in _COLUMNS]
+        totals = [a + b for a, b in zip(totals, counts)]
+        lines.append(f"{label:<27}{role:<24}" + "".join(f"{c or '-':>8}" for c in counts)
+                     + f"{_human(sum(m.params for m in rows)):>10}")
+    lines.append("-" * len(head))
+    lines.append(f"{'total':<51}" + "".join(f"{c:>8}" for c in totals) + f"{_human(sum(m.params for m in table)):>10}")
+
+    lines.append("")
+    lines.append("The seed's LoRA categories, counted (its '517' assumed a transformer with AttnX in every block):")
+    for k, v in seed_categories(table).items():
+        lines.append(f"  {k:<40}{v:>6}")
+
+    lines.append("")
+    lines.append(f"Target presets (combine with '+', e.g. lcm+zero-convs); LoRA parameters at rank {rank}:")
+    lines.append(f"  {'preset':<16}{'UNet':>6}{'AttnX':>7}{'WriteNet':>10}{'total':>7}{'LoRA params':>13}")
+    for name in TARGET_PRESETS:
+        sel = [m for m in table if TARGET_PRESETS[name].select(m)]
+        lines.append(f"  {name:<16}{sum(m.net == 'unet' for m in sel):>6}"
+                     f"{sum(m.role == 'attnx_proj' for m in sel):>7}{sum(m.net == 'writenet' for m in sel):>10}"
+                     f"{len(sel):>7}{_human(sum(m.lora_params(rank) for m in sel)):>13}")
+    for name, p in TARGET_PRESETS.items():
+        lines.append(f"  {name}: {p.help}")
+
+    if list_modules:
+        lines.append("")
+        lines.append(f"{'name':<78}{'type':<7}{'in':>6}{'out':>6}{'k':>4}{'params':>11}  {'net':<10}{'role':<24}detail")
+        for m in table:
+            k = f"{m.kernel[0]}" if m.kernel else "-"
+            extra = f"  (original: {m.original_name})" if m.original_name != m.name else ""
+            lines.append(f"{m.name:<78}{m.type:<7}{m.in_features:>6}{m.out_features:>6}{k:>4}{m.params:>11}  "
+                         f"{m.net:<10}{m.role:<24}{m.detail}{extra}")
+    return "\n".join(lines)
