@@ -12,7 +12,7 @@ import pytest
 from anytext2_lcm.cli import main
 from anytext2_lcm.config import ConfigError
 from anytext2_lcm.data.anyword import AnyWordDataset, DataConfig
-from anytext2_lcm.data.index import IndexedRows, write_index
+from anytext2_lcm.data.index import IndexedRows, anyword_dataset, write_index
 from anytext2_lcm.data.skips import DataFileError, SkipRecord
 
 from test_data_validation import S, datasets  # noqa: F401  (the damaged dataset: one row per skip reason)
@@ -50,7 +50,7 @@ def test_index_gives_the_json_readers_samples_skips_and_counts(files, tmp_path, 
     summary = write_index(files, index)
     assert summary["rows"] == 2 * 24 and summary["files"] == {files[0]: 24, files[1]: 24}
     js = AnyWordDataset(DataConfig(json_paths=tuple(files), image_size=S, wm_thresh=wm_thresh))
-    ix = AnyWordDataset(DataConfig(index=str(index), image_size=S, wm_thresh=wm_thresh))
+    ix = anyword_dataset(DataConfig(index=str(index), image_size=S, wm_thresh=wm_thresh))
     assert len(ix) == len(js) < 48 if wm_thresh < 1 else len(ix) == len(js) == 48
     assert ix.load_stats == js.load_stats
     st = js.load_stats

@@ -392,19 +392,16 @@ class AnyWordDataset:
         index        int
     """
 
-    def __init__(self, cfg: DataConfig, fonts: FontLibrary | None = None):
-        if not cfg.json_paths and not cfg.index:
+    def __init__(self, cfg: DataConfig, fonts: FontLibrary | None = None, rows=None, load_stats: LoadStats | None = None):
+        """``rows``/``load_stats``: rows read elsewhere, e.g. the memory-mapped index of ``data.index``
+        (``data.index.IndexedRows``, which the loader passes); the JSON files of ``data.json_paths`` follow them."""
+        if not cfg.json_paths and rows is None:
             raise ConfigError("data.json_paths=(): give at least one AnyWord annotation file (or data.index)")
         self.cfg = cfg
         self.fonts = fonts if fonts is not None else cfg.font_library()
         self.epoch = 0
-        self.load_stats = LoadStats()
-        self.rows: list[Row | BadRow] = []
-        if cfg.index:  # the same rows, memory-mapped and parsed when read (data.index)
-            from .index import IndexedRows
-
-            self.rows = IndexedRows(cfg.index, cfg)
-            self.load_stats = self.rows.load_stats
+        self.load_stats = load_stats or LoadStats()
+        self.rows: list[Row | BadRow] = rows if rows is not None else []
         for path in cfg.json_paths:
             root, data_list = load_annotation_file(path)
             kept = 0

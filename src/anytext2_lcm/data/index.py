@@ -39,7 +39,7 @@ from typing import Iterator
 import numpy as np
 
 from ..atomic import atomic_path
-from .anyword import BadRow, DataConfig, LoadStats, Row, parse_row
+from .anyword import AnyWordDataset, BadRow, DataConfig, LoadStats, Row, parse_row
 from .skips import DataFileError
 
 log = logging.getLogger(__name__)
@@ -280,3 +280,11 @@ class IndexedRows:
             raise RuntimeError(f"{self.path}: row {i} is filtered by its watermark score")
         return row
 
+
+def anyword_dataset(cfg: DataConfig, fonts=None):
+    """The ``AnyWordDataset`` of a data config: the memory-mapped index of ``data.index`` (rows parsed when read)
+    followed by the JSON files of ``data.json_paths``."""
+    if not cfg.index:
+        return AnyWordDataset(cfg, fonts)
+    rows = IndexedRows(cfg.index, cfg)
+    return AnyWordDataset(cfg, fonts, rows=rows, load_stats=rows.load_stats)

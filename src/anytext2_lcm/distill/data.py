@@ -18,7 +18,7 @@ import signal
 import torch
 from torch.utils.data import DataLoader
 
-from ..data.anyword import AnyWordDataset
+from ..data.index import anyword_dataset
 from ..data.collate import AnyWordCollate, AnyWordLoader, EpochSampler, SkipMonitor, expand_batch, worker_init
 from ..data.skips import SkipRecord, TooManySkipsError
 
@@ -57,7 +57,7 @@ def build_loader(cfg, rank: int = 0, world_size: int = 1) -> AnyWordLoader:
     ``data.shards``, the rank's shard streams (:mod:`anytext2_lcm.data.shards`)."""
     if cfg.data.shards:
         return build_shard_loader(cfg, rank, world_size)
-    dataset = AnyWordDataset(cfg.data)
+    dataset = anyword_dataset(cfg.data)
     sampler = EpochSampler(len(dataset), cfg.data.seed, True, rank, world_size)
     loader = _data_loader(cfg, dataset, sampler)
     monitor = SkipMonitor(cfg.data.max_skip_rate, min(cfg.data.min_items_for_skip_rate, max(len(dataset), 1)))
