@@ -218,26 +218,7 @@ class CheckpointManager:
         error = ""
         if main:
             try:
-                files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                         for p in sorted(tmp.iterdir()) if p.is_file()}
-                marker = {"format": FORMAT, "version": FORMAT_VERSION, "name": name, "step": step,
-                          "micro_in_window": micro_in_window, "world_size": self.world_size,
-                          "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
-                write_json(tmp / MARKER, marker, indent=1)
-                fsync_dir(tmp)
-                self._phase("marker_written")
-                if final.exists():  # the same position again (a resumed run): replace it, set an unusable one aside
-                    try:
-                        self.check(final)
-                    except CheckpointError as e:
-                        log.warning("%s is unusable (%s): moved aside, not replaced", final.name, e)
-                        self._move_aside([final], f"rejected-{name}")
-                commit_dir(tmp, final)
-                self._phase("renamed")
-                self.verify(final, full=True)  # rotation deletes nothing until the new checkpoint verifies
-                self._verified[final.name] = _stamp(final)
-                self.rotate()
-                self._phase("rotated")
+                self._commit(tmp, final, step, micro_in_window)
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"
                 if not isinstance(e, (OSError, CheckpointError)):
@@ -247,6 +228,31 @@ class CheckpointManager:
             raise CheckpointError(f"committing {name} failed ({error or 'on rank 0'})")
         log.info("saved checkpoint %s", final)
         return final
+
+    def _commit(self, tmp: Path, final: Path, step: int, micro_in_window: int) -> None:
+        """Rank 0: the marker (sizes and sha256 of every file), the rename into place, a full verification, and
+        only then the rotation."""
+        name = final.name
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                 for p in sorted(tmp.iterdir()) if p.is_file()}
+        marker = {"format": FORMAT, "version": FORMAT_VERSION, "name": name, "step": step,
+                  "micro_in_window": micro_in_window, "world_size": self.world_size,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
+        write_json(tmp / MARKER, marker, indent=1)
+        fsync_dir(tmp)
+        self._phase("marker_written")
+        if final.exists():  # the same position again (a resumed run): replace it, set an unusable one aside
+            try:
+                self.check(final)
+            except CheckpointError as e:
+                log.warning("%s is unusable (%s): moved aside, not replaced", final.name, e)
+                self._move_aside([final], f"rejected-{name}")
+        commit_dir(tmp, final)
+        self._phase("renamed")
+        self.verify(final, full=True)  # rotation deletes nothing until the new checkpoint verifies
+        self._verified[final.name] = _stamp(final)
+        self.rotate()
+        self._phase("rotated")
 
     # ---- discovery ----------------------------------------------------------------------------------------
 
