@@ -15,7 +15,7 @@ from anytext2_lcm.distill.config import TrainConfig
 from anytext2_lcm.distill.lcm import DenoiserNet, LCMMethod, distill_conditions
 from anytext2_lcm.distill.components import build_teacher
 from anytext2_lcm.lora import disable_adapters
-from anytext2_lcm.pipeline import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
+from anytext2_lcm.defaults import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
 
 from distill_helpers import first_batch, lora_student, make_config, tiny_dataset
 from distill_helpers import one_thread  # noqa: F401  (autouse: one intra-op thread in this module)

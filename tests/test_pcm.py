@@ -18,7 +18,7 @@ from anytext2_lcm.distill.pcm import PCMMethod, draw_empty_prompts
 from anytext2_lcm.distill.solver import (DDIMSolver, SkipPair, pcm_phase_edges, pcm_target,
                                          predicted_original_sample)
 from anytext2_lcm.lora import disable_adapters
-from anytext2_lcm.pipeline import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
+from anytext2_lcm.defaults import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
 from anytext2_lcm.samplers import PCMSampler, sample_loop
 from anytext2_lcm.samplers.schedule import NoiseSchedule
 
