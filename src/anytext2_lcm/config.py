@@ -56,19 +56,18 @@ def _tuple(v: Any) -> tuple:
 
 
 @dataclass(kw_only=True)
-class UNetConfig:
-    """The denoising UNet (ldm ``UNetModel`` layout) with AnyText2's AttnX layers."""
+class TrunkConfig:
+    """The encoder trunk the UNet and the WriteNet share (the WriteNet's must equal the UNet's, see
+    :class:`ModelConfig`)."""
 
     in_channels: int = 4
-    """Latent channels in."""
-    out_channels: int = 4
-    """Channels out (epsilon prediction)."""
+    """Latent channels in (the WriteNet's input is a zero latent; ``masked_x`` has as many channels)."""
     model_channels: int = 320
     """Base width; level ``i`` has ``model_channels * channel_mult[i]`` channels."""
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     """Width multiplier per resolution level."""
     num_res_blocks: int = 2
-    """ResBlocks per level in the encoder (the decoder has one more)."""
+    """ResBlocks per level in the encoder (the UNet's decoder has one more)."""
     attention_resolutions: tuple[int, ...] = (4, 2, 1)
     """Downsampling factors (1, 2, 4, ...) at which a SpatialTransformer follows each ResBlock."""
     num_heads: int = 8
@@ -77,6 +76,19 @@ class UNetConfig:
     """BasicTransformerBlocks per SpatialTransformer."""
     context_dim: int = 768
     """Width of the cross-attention context (CLIP hidden size)."""
+
+    def _trunk_post_init(self, prefix: str) -> None:
+        self.channel_mult = _tuple(self.channel_mult)
+        self.attention_resolutions = _tuple(self.attention_resolutions)
+        _validate_trunk(self, prefix)
+
+
+@dataclass(kw_only=True)
+class UNetConfig(TrunkConfig):
+    """The denoising UNet (ldm ``UNetModel`` layout) with AnyText2's AttnX layers."""
+
+    out_channels: int = 4
+    """Channels out (epsilon prediction)."""
     input_attnx: bool = False
     """AttnX in the encoder (input) blocks. False in AnyText2."""
     mid_attnx: bool = True
@@ -87,35 +99,18 @@ class UNetConfig:
     """Resolution levels of the decoder that carry AttnX."""
 
     def __post_init__(self) -> None:
-        self.channel_mult = _tuple(self.channel_mult)
-        self.attention_resolutions = _tuple(self.attention_resolutions)
+        self._trunk_post_init("unet")
         self.output_attnx_level = _tuple(self.output_attnx_level)
-        _validate_trunk(self, "unet")
         for lv in self.output_attnx_level:
             _check(0 <= lv < len(self.channel_mult), "unet.output_attnx_level", self.output_attnx_level,
                    f"levels must lie in [0, {len(self.channel_mult) - 1}]")
 
 
 @dataclass(kw_only=True)
-class WriteNetConfig:
-    """The WriteNet (AnyText2's text ControlNet): a copy of the UNet encoder plus glyph/position encoders."""
+class WriteNetConfig(TrunkConfig):
+    """The WriteNet (AnyText2's text ControlNet): a copy of the UNet encoder plus glyph/position encoders; its
+    context is the text prompt's."""
 
-    in_channels: int = 4
-    """Latent channels of the (zero) input; also the channels of ``masked_x``."""
-    model_channels: int = 320
-    """Base width (must equal the UNet's)."""
-    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    """Width multiplier per level (must equal the UNet's)."""
-    num_res_blocks: int = 2
-    """ResBlocks per level."""
-    attention_resolutions: tuple[int, ...] = (4, 2, 1)
-    """Downsampling factors with a SpatialTransformer."""
-    num_heads: int = 8
-    """Attention heads."""
-    transformer_depth: int = 1
-    """BasicTransformerBlocks per SpatialTransformer."""
-    context_dim: int = 768
-    """Width of the text-prompt context."""
     glyph_channels: int = 1
     """Channels of the glyph input (the binarised union of all lines: 1)."""
     position_channels: int = 1
@@ -130,9 +125,7 @@ class WriteNetConfig:
     """The WriteNet sees a zero latent at timestep 0 (AnyText2). False is not supported."""
 
     def __post_init__(self) -> None:
-        self.channel_mult = _tuple(self.channel_mult)
-        self.attention_resolutions = _tuple(self.attention_resolutions)
-        _validate_trunk(self, "writenet")
+        self._trunk_post_init("writenet")
         _check(self.glyph_scale in (1, 2), "writenet.glyph_scale", self.glyph_scale, "must be 1 or 2")
         _check(self.latent_factor in (1, 2, 4, 8), "writenet.latent_factor", self.latent_factor,
                "must be 1, 2, 4 or 8")

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import save_converted
-from .batch import Method, StepOutput
+from .batch import Method, StepOutput, train_modules, train_only
 from .state import sample_generators
 
 
@@ -118,17 +118,10 @@ class VAEMethod(Method):
     name = "vae"
 
     def configure_model(self, model: nn.Module) -> list[nn.Parameter]:
-        params = []
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("first_stage_model."))
-            if p.requires_grad:
-                p.data = p.data.float()
-                params.append(p)
-        return params
+        return train_only(model, lambda name: name.startswith("first_stage_model."))
 
     def set_train_mode(self, model: nn.Module) -> None:
-        model.eval()
-        model.vae.train()
+        train_modules(model, model.vae)
 
     def network(self, model: nn.Module) -> nn.Module:
         return AutoencoderNet(model.vae)

@@ -123,6 +123,25 @@ class StepOutput:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def train_only(model: nn.Module, trains) -> list[nn.Parameter]:
+    """Freeze every parameter of ``model`` but those whose name ``trains(name)`` accepts; those are made fp32 and
+    returned in model order (the optimizer's parameters)."""
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(bool(trains(name)))
+        if p.requires_grad:
+            p.data = p.data.float()
+            params.append(p)
+    return params
+
+
+def train_modules(model: nn.Module, *modules: nn.Module) -> None:
+    """Everything in eval mode (frozen BatchNorms keep their statistics), then ``modules`` in training mode."""
+    model.eval()
+    for m in modules:
+        m.train()
+
+
 class Method:
     """A training objective: what trains, the network DDP wraps, and the loss of a step.
 
@@ -166,4 +185,4 @@ class Method:
 
 
 __all__ = ["Method", "StepOutput", "TrainBatch", "draw_uniform_timesteps", "prepare_batch", "randn_per_sample",
-           "text_weight_map"]
+           "text_weight_map", "train_modules", "train_only"]

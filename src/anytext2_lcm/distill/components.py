@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import threading
-from pathlib import Path
 
 import torch
 import torch.nn as nn

@@ -31,7 +31,7 @@ import torch.nn as nn
 from ..atomic import write_json
 from ..light_decoder import FILE_NAME, build_light_decoder, decoder_cost, light_decoder_config, save_light_decoder
 from .autoencoder import random_crops, reconstruction_loss
-from .batch import Method, StepOutput
+from .batch import Method, StepOutput, train_modules
 from .state import sample_generators
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,7 @@ class DecoderMethod(Method):
         return [p for p in tiny.parameters()]
 
     def set_train_mode(self, model: nn.Module) -> None:
-        model.eval()
-        model.light_decoder.train()
+        train_modules(model, model.light_decoder)
 
     def network(self, model: nn.Module) -> nn.Module:
         return LightDecoderNet(model.light_decoder)

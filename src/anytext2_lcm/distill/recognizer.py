@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import save_converted
 from ..models.ocr import crop_by_mask, resize_norm, rotate_if_tall
-from .batch import Method, StepOutput
+from .batch import Method, StepOutput, train_modules, train_only
 
 
 @lru_cache(maxsize=1)
@@ -128,17 +128,10 @@ class OCRMethod(Method):
     name = "ocr"
 
     def configure_model(self, model: nn.Module) -> list[nn.Parameter]:
-        params = []
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("text_predictor."))
-            if p.requires_grad:
-                p.data = p.data.float()
-                params.append(p)
-        return params
+        return train_only(model, lambda name: name.startswith("text_predictor."))
 
     def set_train_mode(self, model: nn.Module) -> None:
-        model.eval()
-        model.text_predictor.train()
+        train_modules(model, model.text_predictor)
 
     def network(self, model: nn.Module) -> nn.Module:
         return RecognizerNet(model.text_predictor)

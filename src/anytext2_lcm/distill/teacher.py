@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from ..checkpoint import save_converted
 from ..samplers.schedule import NoiseSchedule
-from .batch import Method, StepOutput, TrainBatch, draw_uniform_timesteps, randn_per_sample, text_weight_map
+from .batch import (Method, StepOutput, TrainBatch, draw_uniform_timesteps, randn_per_sample, text_weight_map,
+                    train_modules, train_only)
 from .ocr_loss import ocr_text_loss
 from .solver import predicted_original_sample
 
@@ -126,23 +127,12 @@ class TeacherMethod(Method):
 
     def configure_model(self, model: nn.Module) -> list[nn.Parameter]:
         self.schedule = NoiseSchedule(model.alphas_cumprod.detach().float().cpu())
-        params = []
-        for name, p in model.named_parameters():
-            p.requires_grad_(self._trains(name))
-            if p.requires_grad:
-                p.data = p.data.float()
-                params.append(p)
-        return params
+        return train_only(model, self._trains)
 
     def set_train_mode(self, model: nn.Module) -> None:
-        model.eval()
         parts = self.cfg.teacher_training.trainable
-        if "writenet" in parts:
-            model.control_model.train()
-        if "embedding_manager" in parts:
-            model.embedding_manager.train()
-        if "unet" in parts:
-            model.unet.train()
+        named = {"writenet": model.control_model, "embedding_manager": model.embedding_manager, "unet": model.unet}
+        train_modules(model, *(m for part, m in named.items() if part in parts))
 
     def network(self, model: nn.Module) -> nn.Module:
         return TeacherNet(model)
