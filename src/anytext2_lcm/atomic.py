@@ -123,6 +123,18 @@ def write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs) -> Path:
     return write_text(path, json.dumps(obj, **dumps_kwargs))
 
 
+def read_json(path: str | os.PathLike, error: type[Exception] = ValueError, what: str = "JSON file") -> Any:
+    """The reading side of :func:`write_json`: a missing file raises ``FileNotFoundError``, unparsable content
+    ``error`` — both one line naming the file (``what`` says what it should have been)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not a valid {what} ({e})") from None
+
+
 def image_format(path: str | os.PathLike) -> str:
     """The Pillow format of an image path's extension (``.png`` → ``PNG``).
 
@@ -227,5 +239,5 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-__all__ = ["WriteError", "atomic_dir", "atomic_path", "commit_dir", "fsync_dir", "image_format", "new_temp_dir",
+__all__ = ["WriteError", "atomic_dir", "atomic_path", "commit_dir", "fsync_dir", "image_format", "new_temp_dir", "read_json",
            "save_image", "save_safetensors", "torch_save", "write_bytes", "write_json", "write_text"]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir, save_safetensors, write_json
+from .atomic import atomic_dir, read_json, save_safetensors, write_json
 from .config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -323,10 +323,7 @@ def verify_converted(path: str | Path, full: bool = False) -> dict:
     mf = path / "manifest.json"
     if not mf.is_file():
         raise CheckpointError(f"{path}: no manifest.json: not a converted folder or an incomplete write")
-    try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{mf}: corrupt manifest ({e})") from None
+    manifest = read_json(mf, CheckpointError, "converted-folder manifest")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{mf}: unknown format {manifest.get('format')!r}")
     for name, info in manifest["files"].items():

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..atomic import atomic_dir, save_safetensors, torch_save, write_json
+from ..atomic import atomic_dir, read_json, save_safetensors, torch_save, write_json
 from ..checkpoint import CheckpointError, require_finite, safe_torch_load, tensor_dict, to_original
 from ..config import ConfigError
 from .adapters import _freeze_to_lora, _is_meta, adapter_names, lora_layers, set_lora_scale
@@ -136,10 +136,7 @@ def _read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
         cfg_file = path / ADAPTER_CONFIG
         if not cfg_file.is_file():
             raise CheckpointError(f"{path}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
-        try:
-            config = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_file}: corrupt ({e})") from None
+        config = read_json(cfg_file, CheckpointError, "adapter config")
         weights = next((path / w for w in ADAPTER_WEIGHTS if (path / w).is_file()), None)
         if weights is None:
             raise CheckpointError(f"{path}: no {' or '.join(ADAPTER_WEIGHTS)}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -13,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch.nn as nn
 
+from ..atomic import read_json
 from ..config import ConfigError
 from .inventory import _COLUMNS, _TRUNK_PARTS, ROLES, ModuleInfo, module_table, seed_categories
 
@@ -177,13 +177,7 @@ def write_targets(path: str | Path, doc: dict) -> Path:
 
 def read_targets(path: str | Path) -> list[str]:
     """Module names from a targets file (``write_targets``) or a bare JSON list of names."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"targets file {path} does not exist")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not a JSON targets file ({e})") from None
+    doc = read_json(path, ConfigError, "targets file")
     if isinstance(doc, list):
         names = doc
     elif isinstance(doc, dict) and isinstance(doc.get("peft", {}).get("target_modules"), list):
