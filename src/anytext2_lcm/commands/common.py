@@ -254,3 +254,28 @@ def dataclass_flag(p, cls: type, name: str, **kwargs) -> None:
 def dataclass_values(args, cls: type, names) -> dict:
     """``{name: args.name}`` for the fields ``names`` of ``cls`` (the flags :func:`dataclass_flag` added)."""
     return {n: getattr(args, n) for n in names}
+
+
+def command(sub, name: str, func, **kwargs) -> argparse.ArgumentParser:
+    """Add the subcommand ``name`` run by ``func``: its one-line help is the first paragraph of the handler's
+    docstring and its description the rest, so a command's text has one home (the function that runs it)."""
+    import inspect
+
+    from ..cli import HelpFormatter
+
+    first, _, rest = inspect.cleandoc(func.__doc__ or "").partition("\n\n")
+    kwargs.setdefault("formatter_class", HelpFormatter)
+    p = sub.add_parser(name, help=" ".join(first.split()), description=" ".join(rest.split()) or None, **kwargs)
+    p.set_defaults(func=func)
+    return p
+
+
+def add_recipe_args(p: argparse.ArgumentParser, config: str, out: str) -> None:
+    """The flags of a command that runs a recipe (``recipes/``): the recipe file, the output and cache folders,
+    ``--fresh`` and ``--set`` overrides."""
+    p.add_argument("--config", default=config, help="the recipe")
+    p.add_argument("--out", default=out, help="output folder")
+    p.add_argument("--cache", default=None, help="stage folders (default: OUT/work); a rerun reuses them")
+    p.add_argument("--fresh", action="store_true", help="rebuild every stage")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set stages.NAME.config.train.max_steps=100 (repeatable)")

@@ -1,11 +1,10 @@
-"""``anytext2-lcm make-data`` and ``anytext2-lcm validate-data``."""
+"""``make-data``, ``validate-data``, ``index-data`` and ``make-shards``: data in the AnyWord-3M format."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 from pathlib import Path
-from ..cli import HelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -24,41 +23,26 @@ def MAKE_DATA_FLAGS(PROB) -> dict[str, dict]:
 
 def _pair(text: str) -> tuple[float, float]:
     """``LOW,HIGH`` → two floats."""
-    import argparse as _a
-
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        raise _a.ArgumentTypeError(f"expected LOW,HIGH (e.g. 0.04,0.12), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (e.g. 0.04,0.12), got {text!r}") from None
     return lo, hi
 
 
 def register(subparsers) -> None:
     from ..data.synthetic import SynthConfig
-    from .common import POSITIVE, dataclass_flag, number
+    from .common import POSITIVE, command, dataclass_flag, number
 
     PROB = number(0, 1)
-    fmt = HelpFormatter
-    p = subparsers.add_parser(
-        "make-data", formatter_class=fmt,
-        help="write a synthetic dataset in the AnyWord-3M format (images + JSON)",
-        description="Render Latin and Chinese text lines onto photographs from scikit-image and procedural "
-                    "backgrounds, and write the images with an AnyWord-3M annotation file that the training reader "
-                    "and validate-data accept.")
+    p = command(subparsers, "make-data", make_data)
     p.add_argument("--out", required=True, help="output folder (images/ and anyword_synth*.json are written there)")
     for name, kw in MAKE_DATA_FLAGS(PROB).items():
         dataclass_flag(p, SynthConfig, name, **kw)
     p.add_argument("--workers", type=number(1, 1024, integer=True), default=1, help="processes")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
-    p.set_defaults(func=make_data)
 
-    v = subparsers.add_parser(
-        "validate-data", formatter_class=fmt,
-        help="check AnyWord annotation files with the training reader's rules and print a report",
-        description="Reads every row as training would (structure, image, size, polygons, text and fonts) and "
-                    "prints samples, lines per sample, languages, characters outside the font, skips by reason and "
-                    "image sizes. Exit status 1 when a file is unusable (not JSON, wrong structure, or no usable "
-                    "sample) or the skip rate exceeds --max-skip-rate.")
+    v = command(subparsers, "validate-data", validate_data)
     v.add_argument("json", nargs="+", help="annotation files")
     v.add_argument("--image-size", type=number(64, 16384, integer=True), default=512,
                    help="training size the polygons are checked at")
@@ -71,36 +55,26 @@ def register(subparsers) -> None:
     v.add_argument("--workers", type=number(1, 1024, integer=True), default=1, help="processes")
     v.add_argument("--max-skip-rate", type=PROB, default=None, help="fail when more samples are skipped")
     v.add_argument("--examples", type=number(0, 10**6, integer=True), default=3, help="examples shown per skip reason")
-    v.set_defaults(func=validate_data)
 
-    ix = subparsers.add_parser(
-        "index-data", formatter_class=fmt,
-        help="convert AnyWord JSON files into one memory-mapped annotation index (data.index)",
-        description="Streams the annotation files (one row at a time: AnyWord-3M's files of hundreds of MB never "
-                    "sit in memory) into an Arrow file that training opens in seconds and every rank and worker of a "
-                    "machine shares through the page cache. Train on it with `data.index: FILE` instead of "
-                    "data.json_paths; the samples, skips and counts are those of the JSON files.")
+    ix = command(subparsers, "index-data", index_data)
     ix.add_argument("json", nargs="+", help="AnyWord annotation files, in the order their rows are concatenated")
     ix.add_argument("--out", required=True, help="index file to write (e.g. anyword.arrow)")
     ix.add_argument("--overwrite", action="store_true", help="replace an existing index")
-    ix.set_defaults(func=index_data)
 
-    sh = subparsers.add_parser(
-        "make-shards", formatter_class=fmt,
-        help="write WebDataset tar shards (image + AnyWord annotation per sample) for data.shards",
-        description="Streams the annotation files and packs every row with its image file into tar shards "
-                    "(WebDataset layout) plus a shards.json manifest. Train on them with `data.shards: DIR`: ranks "
-                    "read disjoint shards sequentially, shuffled, with exact mid-epoch and elastic resume. Bad rows "
-                    "are kept and skipped (and counted) by the reader, as with the JSON files.")
+    sh = command(subparsers, "make-shards", make_shards)
     sh.add_argument("json", nargs="+", help="AnyWord annotation files")
     sh.add_argument("--out", required=True, help="folder for shard-NNNNNN.tar and shards.json")
     sh.add_argument("--samples-per-shard", type=int, default=1000,
                     help="samples per tar (a run needs at least as many shards as its global batch)")
     sh.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
-    sh.set_defaults(func=make_shards)
 
 
 def make_data(args) -> int:
+    """write a synthetic dataset in the AnyWord-3M format (images + JSON)
+
+    Render Latin and Chinese text lines onto photographs from scikit-image and procedural backgrounds, and write
+    the images with an AnyWord-3M annotation file that the training reader and validate-data accept.
+    """
     from ..cli import UsageError
     from ..data.synthetic import SynthConfig, write_dataset
     from .common import dataclass_values
@@ -118,6 +92,13 @@ def make_data(args) -> int:
 
 
 def validate_data(args) -> int:
+    """check AnyWord annotation files with the training reader's rules and print a report
+
+    Reads every row as training would (structure, image, size, polygons, text and fonts) and prints samples,
+    lines per sample, languages, characters outside the font, skips by reason and image sizes. Exit status 1
+    when a file is unusable (not JSON, wrong structure, or no usable sample) or the skip rate exceeds --max-
+    skip-rate.
+    """
     from ..data.anyword import DataConfig
     from ..data.validate import format_report, validate_files
 
@@ -133,6 +114,13 @@ def validate_data(args) -> int:
 
 
 def index_data(args) -> int:
+    """convert AnyWord JSON files into one memory-mapped annotation index (data.index)
+
+    Streams the annotation files (one row at a time: AnyWord-3M's files of hundreds of MB never sit in memory)
+    into an Arrow file that training opens in seconds and every rank and worker of a machine shares through the
+    page cache. Train on it with `data.index: FILE` instead of data.json_paths; the samples, skips and counts
+    are those of the JSON files.
+    """
     import time
 
     from ..cli import UsageError
@@ -155,6 +143,13 @@ def index_data(args) -> int:
 
 
 def make_shards(args) -> int:
+    """write WebDataset tar shards (image + AnyWord annotation per sample) for data.shards
+
+    Streams the annotation files and packs every row with its image file into tar shards (WebDataset layout)
+    plus a shards.json manifest. Train on them with `data.shards: DIR`: ranks read disjoint shards sequentially,
+    shuffled, with exact mid-epoch and elastic resume. Bad rows are kept and skipped (and counted) by the
+    reader, as with the JSON files.
+    """
     from ..cli import UsageError
     from ..data.shards import MANIFEST, write_shards
     from ..data.skips import DataFileError

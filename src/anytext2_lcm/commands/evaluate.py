@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
-from ..cli import HelpFormatter
 
 log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
-    from .common import CFG, MAX_STEPS, POSITIVE, SEED, STEPS, add_model_args, number, number_list
+    from .common import CFG, MAX_STEPS, POSITIVE, SEED, STEPS, add_model_args, command, number, number_list
     from ..evaluate.bench import add_bench_args
     from ..evaluate.runner import EVAL_A_PROMPT, EVAL_N_PROMPT
     from ..evaluate.runtime import add_runtime_args
     from ..defaults import STUDENT_STEPS, TEACHER_CFG, TEACHER_STEPS
 
-    fmt = HelpFormatter
-    p = sub.add_parser(
-        "evaluate", formatter_class=fmt,
-        help="teacher vs student: OCR accuracy (Sen.ACC, NED), fidelity, speed; JSON + Markdown report + grids",
-        description="Generates every sample of AnyWord-format annotation files (e.g. from make-data, or the AnyText "
-                    "benchmark's test1k.json) with the teacher (DDIM + CFG, adapters off) and the student at each "
-                    "step count under the same seeds and x_T, reads every line with the offline PP-OCRv4 recogniser "
-                    "and writes OUT/results.json, OUT/report.md, OUT/grids/*.png and OUT/images/.")
+    p = command(sub, "evaluate", _evaluate)
     add_model_args(p)
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="+", required=True, help="AnyWord JSON file(s)")
@@ -72,19 +63,17 @@ def register(sub) -> None:
                         "generated image: the 'reconstruction' row)")
     o.add_argument("--ocr-model", default=None, help="PP-OCR recogniser ONNX (default: the one in rapidocr)")
     add_runtime_args(p)
-    p.set_defaults(func=_evaluate)
-
-    b = sub.add_parser(
-        "bench", formatter_class=fmt,
-        help="end-to-end seconds per image, teacher (20/50-step DDIM + CFG) vs student (1-8 steps), with components",
-        description="Times the teacher and the student side by side in one process (warm-up, interleaved rounds, "
-                    "median), the cost of each component, the measured and eval-count ratios and the goals. "
-                    "Default: the sd15 architecture with random weights at 256 px.")
-    add_bench_args(b)
-    b.set_defaults(func=_bench)
+    add_bench_args(command(sub, "bench", _bench))
 
 
 def _evaluate(args) -> int:
+    """teacher vs student: OCR accuracy (Sen.ACC, NED), fidelity, speed; JSON + Markdown report + grids
+
+    Generates every sample of AnyWord-format annotation files (e.g. from make-data, or the AnyText benchmark's
+    test1k.json) with the teacher (DDIM + CFG, adapters off) and the student at each step count under the same seeds
+    and x_T, reads every line with the offline PP-OCRv4 recogniser and writes OUT/results.json, OUT/report.md,
+    OUT/grids/*.png and OUT/images/.
+    """
     from ..cli import UsageError
     from ..defaults import student_sampling
     from ..samplers import sampler_options as known_options
@@ -155,6 +144,12 @@ def _evaluate(args) -> int:
 
 
 def _bench(args) -> int:
+    """end-to-end seconds per image, teacher (20/50-step DDIM + CFG) vs student (1-8 steps), with components
+
+    Times the teacher and the student side by side in one process (warm-up, interleaved rounds, median), the cost of
+    each component, the measured and eval-count ratios and the goals. Default: the sd15 architecture with random
+    weights at 256 px.
+    """
     from ..evaluate.bench import bench_from_args
 
     return bench_from_args(args)

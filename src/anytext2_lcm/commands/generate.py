@@ -8,20 +8,13 @@ import logging
 from pathlib import Path
 
 from ..generation import MAX_IMAGES, MAX_SIDE
-from .common import CFG, POSITIVE, SEED, STEPS, add_community_args, add_model_args, number
-from ..cli import HelpFormatter
+from .common import CFG, POSITIVE, SEED, STEPS, add_community_args, add_model_args, command, number
 
 log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "generate", help="generate (or edit) an image with text lines, teacher or student",
-        formatter_class=HelpFormatter,
-        description='The prompt\'s "quoted" texts become the text lines, one per position (boxes/polygons in a JSON '
-                    "file, or a white-on-black mask image). With --edit-image the positions of that image are "
-                    "rewritten. Without --lora: the teacher (DDIM, 20 steps, CFG 7.5). With --lora ADAPTER: the student "
-                    "as its adapter records it (e.g. LCM, 4 steps, no CFG); --sampler/--steps/--cfg override.")
+    p = command(sub, "generate", _generate)
     add_model_args(p)
     add_community_args(p)
     g = p.add_argument_group("text and layout")
@@ -68,7 +61,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     add_runtime_args(p)
     _add_demo_args(p)
-    p.set_defaults(func=_generate)
 
 
 def parse_colors(text: str | None) -> list | None:
@@ -117,6 +109,13 @@ def check_inputs(args):
 
 
 def _generate(args) -> int:
+    """generate (or edit) an image with text lines, teacher or student
+
+    The prompt's "quoted" texts become the text lines, one per position (boxes/polygons in a JSON file, or a
+    white-on-black mask image). With --edit-image the positions of that image are rewritten. Without --lora: the
+    teacher (DDIM, 20 steps, CFG 7.5). With --lora ADAPTER: the student as its adapter records it (e.g. LCM, 4 steps,
+    no CFG); --sampler/--steps/--cfg override.
+    """
     from ..atomic import save_image
     from ..generation import GenerationRequest, InputError, check_request, load_positions
     from ..defaults import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT

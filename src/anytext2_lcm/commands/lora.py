@@ -14,7 +14,6 @@ import argparse
 import logging
 import time
 from pathlib import Path
-from ..cli import HelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +22,11 @@ _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..lora import EXPORT_FORMATS, TARGET_PRESETS
-    from .common import number
+    from .common import command, number
 
-    p = sub.add_parser(
-        "inspect", help="list the model's Linear/Conv2d modules by role and write LoRA target lists",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Count every Linear/Conv2d of AnyText2 by role (attention, AttnX, feed-forward, proj_in/out, "
-                    "ResBlock convs, zero-convs, hint encoders, ...) and network, with parameter counts, the seed's "
-                    "LoRA categories and the target presets. The model is built on the meta device (no weights).\n\n"
-                    "target presets (combine with '+'):\n"
-                    + "\n".join(f"  {n}: {p.help}" for n, p in TARGET_PRESETS.items()))
+    p = command(sub, "inspect", _user_errors(_inspect))
+    p.epilog = "target presets (combine with '+'): " + "; ".join(f"{n}: {t.help.rstrip('.')}"
+                                                                   for n, t in TARGET_PRESETS.items())
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=["sd15", "tiny"], help="architecture preset (default sd15)")
     src.add_argument("--config", help="the original model yaml (models_yaml/anytext2_sd15.yaml layout)")
@@ -48,16 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write the targets of this preset expression (e.g. lcm, attn+writenet-attn) to --out")
     p.add_argument("--zero-convs", action="store_true", help="add the 13 WriteNet zero-convs to --preset-targets")
     p.add_argument("--out", help="targets JSON to write (with --preset-targets)")
-    p.set_defaults(func=_user_errors(_inspect))
 
-    p = sub.add_parser(
-        "export", help="convert a LoRA adapter (PEFT folder / safetensors / kohya) or merge it into a checkpoint",
-        formatter_class=HelpFormatter,
-        description="Read ADAPTER (PEFT folder, .safetensors, kohya .safetensors, or .bin/.pt through "
-                    "weights_only loading) and write it as --format: 'peft' folder, single 'safetensors' file, "
-                    "'kohya' safetensors (lora_down/lora_up/alpha, as AnyText2's ms_wrapper merges), or 'merged': "
-                    "the full model with the LoRA merged, in the ORIGINAL key layout (.safetensors or .ckpt), "
-                    "which needs the base weights (--checkpoint).")
+    p = command(sub, "export", _user_errors(_export))
     p.add_argument("adapter", help="LoRA adapter: PEFT folder or file")
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="fmt", help="output format")
     p.add_argument("--out", required=True, help="output folder (peft) or file")
@@ -68,7 +54,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--config", help="the original model yaml")
     p.add_argument("--scale", type=number(-10, 10), default=1.0, help="LoRA strength baked into the output")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="dtype of the written weights")
-    p.set_defaults(func=_user_errors(_export))
 
 
 def _user_errors(handler):
@@ -107,6 +92,12 @@ def _meta_model(cfg):
 
 
 def _inspect(args) -> int:
+    """list the model's Linear/Conv2d modules by role and write LoRA target lists
+
+    Count every Linear/Conv2d of AnyText2 by role (attention, AttnX, feed-forward, proj_in/out, ResBlock convs,
+    zero-convs, hint encoders, ...) and network, with parameter counts, the seed's LoRA categories and the target
+    presets. The model is built on the meta device (no weights).
+    """
     from .. import lora
     from ..checkpoint import (check_keys, checkpoint_shapes, is_converted, original_shapes, read_converted_config,
                               verify_converted)
@@ -156,6 +147,13 @@ def _inspect(args) -> int:
 
 
 def _export(args) -> int:
+    """convert a LoRA adapter (PEFT folder / safetensors / kohya) or merge it into a checkpoint
+
+    Read ADAPTER (PEFT folder, .safetensors, kohya .safetensors, or .bin/.pt through weights_only loading) and write
+    it as --format: 'peft' folder, single 'safetensors' file, 'kohya' safetensors (lora_down/lora_up/alpha, as
+    AnyText2's ms_wrapper merges), or 'merged': the full model with the LoRA merged, in the ORIGINAL key layout
+    (.safetensors or .ckpt), which needs the base weights (--checkpoint).
+    """
     import torch
 
     from .. import lora

@@ -6,19 +6,14 @@ import argparse
 import logging
 import time
 from pathlib import Path
-from ..cli import HelpFormatter
 
 log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .common import number
+    from .common import command, number
 
-    p = sub.add_parser("convert", help="convert an official AnyText2 checkpoint into a fast-loading folder",
-                       formatter_class=HelpFormatter,
-                       description="Load CKPT (.ckpt/.pt/.pth through torch.load(weights_only=True), or .safetensors) "
-                                   "strictly and write OUT_DIR: one safetensors file per component, config.json and a "
-                                   "manifest with sha256 sums. With --check, only verify that CKPT loads strictly.")
+    p = command(sub, "convert", _convert)
     p.add_argument("checkpoint", help="anytext_v2.0.ckpt, a .safetensors file in the same layout, or a converted folder")
     p.add_argument("out_dir", nargs="?", help="output folder (not needed with --check)")
     p.add_argument("--config", help="the original model yaml (default: the sd15 preset = models_yaml/anytext2_sd15.yaml)")
@@ -27,19 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow a full unpickle of a .ckpt that weights_only refuses (executes code from the file: only "
                         "for files from a source you trust)")
-    p.set_defaults(func=_convert)
 
-    p = sub.add_parser("config-docs", help="write docs/config.md from the config dataclasses (--check: verify it)",
-                       formatter_class=HelpFormatter)
+    p = command(sub, "config-docs", _config_docs)
     p.add_argument("--out", default="docs/config.md", help="output Markdown file")
     p.add_argument("--check", action="store_true", help="exit 1 if the file differs from what would be written")
-    p.set_defaults(func=_config_docs)
 
-    p = sub.add_parser("parity", help="replay a fixture made with the original AnyText2 code and compare outputs",
-                       formatter_class=HelpFormatter)
+    p = command(sub, "parity", _parity)
     p.add_argument("fixture_dir", help="folder with config.yaml, state_dict/inputs/outputs .safetensors, meta.json")
     p.add_argument("--threads", type=number(1, 4096, integer=True), default=None, help="torch CPU threads")
-    p.set_defaults(func=_parity)
 
 
 def _model_config(args):
@@ -54,6 +44,12 @@ def _model_config(args):
 
 
 def _convert(args) -> int:
+    """convert an official AnyText2 checkpoint into a fast-loading folder
+
+    Load CKPT (.ckpt/.pt/.pth through torch.load(weights_only=True), or .safetensors) strictly and write OUT_DIR:
+    one safetensors file per component, config.json and a manifest with sha256 sums. With --check, only verify that
+    CKPT loads strictly.
+    """
     from ..checkpoint import is_converted, load_converted, load_model, save_converted, verify_converted
     from ..cli import UsageError
 
@@ -81,6 +77,7 @@ def _convert(args) -> int:
 
 
 def _parity(args) -> int:
+    """replay a fixture made with the original AnyText2 code and compare outputs"""
     from ..parity import format_rows, run_parity
 
     rows = run_parity(args.fixture_dir, threads=args.threads)
@@ -89,6 +86,7 @@ def _parity(args) -> int:
 
 
 def _config_docs(args) -> int:
+    """write docs/config.md from the config dataclasses (--check: verify it)"""
     from ..config_docs import render, undocumented
 
     text = render()

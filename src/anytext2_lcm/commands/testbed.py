@@ -4,31 +4,26 @@ from __future__ import annotations
 
 import argparse
 import logging
-from ..cli import HelpFormatter
+from .common import add_recipe_args, command
 
 log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "testbed", formatter_class=HelpFormatter,
-        help="retrain the built-in 128 px testbed model from nothing (data, VAE, OCR, teacher; cached stages)",
-        description="Runs configs/testbed.yaml: synthetic data with held-out words, the autoencoder (stops if its "
-                    "reconstructions do not read at the gate), the glyph recogniser and AnyText2's objective, all "
-                    "with the project's trainer; measures the teacher's OCR on the held-out lines and writes "
-                    "OUT/model (the shipped precision), OUT/report.md and OUT/report.json.")
-    p.add_argument("--config", default="configs/testbed.yaml", help="the recipe")
-    p.add_argument("--out", default="runs/testbed", help="output folder")
-    p.add_argument("--cache", default=None, help="stage folders (default: OUT/work); a rerun reuses them")
-    p.add_argument("--fresh", action="store_true", help="rebuild every stage")
+    p = command(sub, "testbed", _testbed)
+    add_recipe_args(p, "configs/testbed.yaml", "runs/testbed")
     p.add_argument("--install", action="store_true",
                    help="also replace the testbed weights inside the installed package")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe field, e.g. --set stages.teacher.config.train.max_steps=100")
-    p.set_defaults(func=_testbed)
 
 
 def _testbed(args) -> int:
+    """retrain the built-in 128 px testbed model from nothing (data, VAE, OCR, teacher; cached stages)
+
+    Runs configs/testbed.yaml: synthetic data with held-out words, the autoencoder (stops if its reconstructions do
+    not read at the gate), the glyph recogniser and AnyText2's objective, all with the project's trainer; measures
+    the teacher's OCR on the held-out lines and writes OUT/model (the shipped precision), OUT/report.md and
+    OUT/report.json.
+    """
     import sys
 
     from ..recipes.spec import load_recipe

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from ..cli import HelpFormatter
+from .common import command
 
 log = logging.getLogger(__name__)
 
@@ -40,43 +40,44 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    fmt = HelpFormatter
-    d = subparsers.add_parser(
-        "distill", formatter_class=fmt, help="distil the AnyText2 teacher into a few-step LoRA student (LCM or PCM)",
-        description="LCM-LoRA or PCM-LoRA (method: pcm) distillation of AnyText2 on AnyWord-format data, on one or many GPUs (run under "
-                    "`accelerate launch`), with exact resume, atomic checkpoints and TensorBoard logging.")
-    _add_common(d)
-    d.set_defaults(func=lambda a: run_command(a, None))
-    t = subparsers.add_parser(
-        "train-teacher", formatter_class=fmt, help="train AnyText2 itself (WriteNet, text embedding, AttnX)",
-        description="AnyText2's own objective (method: teacher): ε-MSE outside inv_mask, training the WriteNet, the "
-                    "text-embedding module and AttnX (and the UNet, for a model trained from nothing); or the "
-                    "autoencoder (method: vae) such a model needs first. Writes a converted model folder usable as "
-                    "the next stage's model.teacher or as a distillation teacher.")
-    _add_common(t)
-    t.set_defaults(func=_train_teacher)
-    dec = subparsers.add_parser(
-        "train-decoder", formatter_class=fmt,
-        help="distil the model's VAE decoder into a light decoder (--tiny-decoder)",
-        description="method: decoder. Distils the model's own VAE decoder into a small AutoencoderTiny-shaped decoder "
-                    "on AnyWord-format images, the error weighted inside the text lines; writes "
-                    "OUTPUT/light_decoder.safetensors (load it with --tiny-decoder FILE in generate, evaluate and "
-                    "bench, or --fast) and OUTPUT/light_decoder.json (parameters, decode seconds beside the full "
-                    "decoder, PSNR to it). Works for any model: the latent channels and factor come from its config.")
-    _add_common(dec)
-    dec.set_defaults(func=_train_decoder)
+    for name, func in (("distill", _distill), ("train-teacher", _train_teacher), ("train-decoder", _train_decoder)):
+        _add_common(command(subparsers, name, func))
 
 
-def _train_decoder(args) -> int:
-    from ..distill.config import DECODER_METHOD
+def _distill(args) -> int:
+    """distil the AnyText2 teacher into a few-step LoRA student (LCM or PCM)
 
-    return run_command(args, DECODER_METHOD)
+    LCM-LoRA or PCM-LoRA (method: pcm) distillation of AnyText2 on AnyWord-format data, on one or many GPUs (run
+    under `accelerate launch`), with exact resume, atomic checkpoints and TensorBoard logging.
+    """
+    return run_command(args, None)
 
 
 def _train_teacher(args) -> int:
+    """train AnyText2 itself (WriteNet, text embedding, AttnX; a model from nothing: also its UNet, VAE, recogniser)
+
+    AnyText2's own objective (method: teacher): ε-MSE outside inv_mask, training the WriteNet, the text-embedding
+    module and AttnX (and the UNet, for a model trained from nothing); or the autoencoder (method: vae) and the glyph
+    recogniser (method: ocr) such a model needs first. Writes a converted model folder usable as the next stage's
+    model.teacher or as a distillation teacher.
+    """
     from ..distill.config import TEACHER_METHODS
 
     return run_command(args, TEACHER_METHODS)
+
+
+def _train_decoder(args) -> int:
+    """distil the model's VAE decoder into a light decoder (--tiny-decoder)
+
+    method: decoder. Distils the model's own VAE decoder into a small AutoencoderTiny-shaped decoder on
+    AnyWord-format images, the error weighted inside the text lines; writes OUTPUT/light_decoder.safetensors (load it
+    with --tiny-decoder FILE in generate, evaluate and bench, or --fast) and OUTPUT/light_decoder.json (parameters,
+    decode seconds beside the full decoder, PSNR to it). Works for any model: the latent channels and factor come
+    from its config.
+    """
+    from ..distill.config import DECODER_METHOD
+
+    return run_command(args, DECODER_METHOD)
 
 
 def build_config(args, method: str | tuple[str, ...] | None):

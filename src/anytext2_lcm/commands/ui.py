@@ -6,20 +6,13 @@ import argparse
 import logging
 import os
 
-from .common import add_community_args, add_model_args, number
-from ..cli import HelpFormatter
+from .common import add_community_args, add_model_args, command, number
 
 log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "ui", help="web UI: draw positions, type quoted lines, pick fonts/colours; teacher vs student",
-        formatter_class=HelpFormatter,
-        description="Starts a Gradio app and prints its URL. Generation and editing with the teacher, the teacher + "
-                    "student LoRA (the adapter bypassed for the teacher, one network in memory) or the merged "
-                    "student; a compare view puts the teacher's 20-step DDIM beside the student at 1/2/4/8 steps. "
-                    "Needs the 'ui' extra (pip install 'anytext2-lcm[ui]').")
+    p = command(sub, "ui", _ui)
     add_model_args(p, lora=True, merge=False)
     add_community_args(p)
     p.add_argument("--font", dest="glyph_font", help="glyph font file (default: a CJK-capable system font)")
@@ -29,10 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--size", type=number(64, 4096, integer=True), default=None,
                    help="initial image width/height (None: the model's own size: testbed 128, sd15 512)")
     s.add_argument("--no-warmup", action="store_true", help="skip the small warm-up generation at start")
-    p.set_defaults(func=_ui)
 
 
 def _ui(args) -> int:
+    """web UI: draw positions, type quoted lines, pick fonts/colours; teacher vs student
+
+    Starts a Gradio app and prints its URL. Generation and editing with the teacher, the teacher + student LoRA (the
+    adapter bypassed for the teacher, one network in memory) or the merged student; a compare view puts the teacher's
+    20-step DDIM beside the student at 1/2/4/8 steps. Needs the 'ui' extra (pip install 'anytext2-lcm[ui]').
+    """
     from ..cli import UsageError
     from ..config import ConfigError, check_image_size
 
