@@ -84,6 +84,9 @@ class WindowState:
     """Samples this rank trained on in the window."""
     skipped: int = 0
     """Samples the reader skipped on this rank in the window."""
+    extras: dict = dataclasses.field(default_factory=dict)
+    """Sums, over the finite micro-steps, of the method's extra scalars (``StepOutput.logs``: t, w, the OCR loss
+    terms, ...); logged as this rank's means."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

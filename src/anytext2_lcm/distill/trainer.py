@@ -484,6 +484,8 @@ class Trainer:
             if finite:
                 w.loss_sum += float(loss.detach())
                 w.loss_count += 1
+                for k, v in out.logs.items():
+                    w.extras[k] = w.extras.get(k, 0.0) + float(v)
             else:
                 w.nonfinite = True
 
@@ -520,6 +522,7 @@ class Trainer:
         s.global_step += 1
         s.samples_seen += int(samples)
         s.skipped_samples += int(skipped)
+        extras = {k: v / w.loss_count for k, v in w.extras.items()} if w.loss_count else {}
         self.window = WindowState()
         step_loss = loss_sum / count if count else float("nan")
         self.losses.append((s.global_step, step_loss))
@@ -531,7 +534,7 @@ class Trainer:
                 f"Lower optim.learning_rate, use bf16 instead of fp16, or inspect the data.")
         return {"loss": step_loss, "lr": lr, "grad_norm": norm, "skipped_samples": float(s.skipped_samples),
                 "nonfinite_steps": float(s.nonfinite_steps), "empty_steps": float(s.empty_steps),
-                "overflow_steps": float(s.overflow_steps)}
+                "overflow_steps": float(s.overflow_steps), **extras}
 
 
 def train(cfg: TrainConfig, fault: Callable[[str], None] | None = None,
