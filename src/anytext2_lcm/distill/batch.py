@@ -3,10 +3,12 @@
 A data batch (``anytext2_lcm.data.collate``) becomes a :class:`TrainBatch` once per micro-step: the image and the
 masked image are VAE-encoded (posterior samples, × scale_factor, as the original's ``get_input``), the text
 conditioning is packed into a :class:`~anytext2_lcm.conditioning.TextInfo`, and each sample gets its own random
-generator seeded by (train seed, epoch, sample index). A method (:class:`Method`) turns a TrainBatch into a loss.
+generator seeded by (train seed, epoch, sample index). A method (:class:`Method`) turns a TrainBatch into a loss; a
+method that needs other inputs overrides :meth:`Method.prepare` (the autoencoder, recogniser and light-decoder
+objectives read the images or the line crops instead).
 
-Adding a method (e.g. PCM) means one subclass of :class:`Method` — usually of :class:`~.lcm.LCMMethod`, overriding
-``step`` — and one entry in :data:`anytext2_lcm.distill.trainer.METHODS`; the trainer is unchanged.
+A method is one subclass of :class:`Method` (what trains, the network DDP wraps, ``prepare``, ``step``, the result
+files), one entry in :data:`anytext2_lcm.distill.trainer.METHODS` and its name in ``distill.config.METHODS``.
 """
 
 from __future__ import annotations
