@@ -29,7 +29,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -42,10 +41,9 @@ import numpy as np
 import torch
 
 from .conditioning import UNSPECIFIED_COLOR, TextInfo
-from .config import MAX_SEED, ConfigError
+from .config import MAX_SEED
 from .data.fonts import FontNotFoundError, FontSpec, as_font_spec, find_default_font
-from .data.glyphs import (DegeneratePolygonError, polygon_mask, positions_from_mask, render_font_hint,
-                          render_in_polygon, render_line)
+from .data.glyphs import DegeneratePolygonError, draw_line, polygon_mask, positions_from_mask, render_font_hint
 from .data.hints import debug_images, hollow_font_hint, mimic_font_crop, revise_position
 from .data.prompts import build_text_caption, parse_prompt_lines
 from .models.anytext2 import AnyText2
@@ -403,9 +401,9 @@ class Generator:
             warnings.append("more fonts/colours than lines: the extras are ignored")
         scale = self.model.cfg.writenet.glyph_scale
         f = self.model.cfg.latent_factor
-        glyphs = np.zeros((n, H * scale, W * scale, 3), np.float32)
+        glyphs = np.zeros((n, H * scale, W * scale, 3), np.uint8)
         positions = np.zeros((n, H, W), np.float32)
-        gly_line = np.zeros((n, 80, 512), np.float32)
+        gly_line = np.zeros((n, 80, 512), np.uint8)
         color_arr = np.full((n, 3), UNSPECIFIED_COLOR, np.float32)
         font_hint = np.zeros((H, W), np.float32)
         used_polys: list = []
@@ -424,19 +422,19 @@ class Generator:
                 raise InputError(f"line {i} {text!r}: the glyph font {glyph_font.name} has no glyph for "
                                  f"{''.join(missing)!r}; pass a font that covers it (--font)")
             try:
-                gly_line[i] = render_line(text, glyph_font)
-                glyphs[i] = render_in_polygon(text, poly, glyph_font, tuple(color_arr[i]), H, W, scale=scale)
+                gly_line[i] = draw_line(glyphs[i], text, poly, glyph_font, tuple(color_arr[i]), scale)
             except DegeneratePolygonError as e:
                 raise InputError(f"positions[{i}]: {e}") from None
             positions[i] = masks[i]
             if req.revise_position and edit is None:
-                _revise(i, glyphs[i], positions, polygons, used_polys, warnings)
+                _revise(i, glyphs[i].astype(np.float32) / 255.0, positions, polygons, used_polys, warnings)
             if i < len(fonts) and fonts[i] and i not in style_crops:
                 spec = usable_font(fonts[i], f"fonts[{i}]")
                 if spec.missing_chars(text):
                     raise InputError(f"fonts[{i}] {spec.name} has no glyph for {''.join(spec.missing_chars(text))!r} "
                                      f"of line {text!r}")
                 font_hint += render_font_hint(text, poly, spec, H, W)
+        glyphs = glyphs.astype(np.float32) / 255.0  # colour × coverage in [0, 1], as the original divides
         font_hint = np.clip(font_hint, 0, 1)
         if req.hollow_font:
             font_hint = hollow_font_hint(font_hint)
@@ -453,7 +451,7 @@ class Generator:
         ti = TextInfo(
             glyphs=t(glyphs).permute(0, 3, 1, 2)[None].expand(B, -1, -1, -1, -1).reshape(B, L, 3, H * scale, W * scale),
             positions=t(positions)[None, :, None].expand(B, -1, -1, -1, -1),
-            gly_line=t(gly_line)[None, :, None].expand(B, -1, -1, -1, -1),
+            gly_line=t(gly_line.astype(np.float32))[None, :, None].expand(B, -1, -1, -1, -1),
             colors=(t(color_arr) / 255.0)[None].expand(B, -1, -1),
             n_lines=torch.full((B,), n, dtype=torch.long),
             font_hint=t(font_hint)[None, None].expand(B, -1, -1, -1),

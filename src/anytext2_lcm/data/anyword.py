@@ -57,7 +57,7 @@ from PIL import Image, UnidentifiedImageError
 from ..config import MAX_SEED, ConfigError, check_image_size, is_seed
 from .augment import random_position_mask, training_font_hint
 from .fonts import FontLibrary, FontSpec, font_language
-from .glyphs import (DegeneratePolygonError, UNSPECIFIED_COLOR, cached_line_renderer, paint_in_polygon,
+from .glyphs import (DegeneratePolygonError, UNSPECIFIED_COLOR, cached_line_renderer, draw_line,
                      polygon_points)
 from .prompts import build_text_caption, truncate_caption, watermark_caption
 from .skips import DataFileError, SampleError, SkipRecord
@@ -563,8 +563,8 @@ class AnyWordDataset:
             font = self.fonts.choose(lang, text, rng if cfg.rand_font else None)
             if font is None:  # checked above; only a font folder changing under us gets here
                 raise SampleError("unrenderable_text", f"no font renders {text!r} ({lang})")
-            gly_line[j] = self._render_line(text, font)
-            paint_in_polygon(glyphs[j].transpose(1, 2, 0), text, polys[j], font, colors[j], cfg.glyph_scale, True)
+            gly_line[j] = draw_line(glyphs[j].transpose(1, 2, 0), text, polys[j], font, colors[j], cfg.glyph_scale,
+                                    self._render_line)
 
         positions = np.zeros((n_slots, s, s), dtype=np.uint8)
         hints = []

@@ -250,6 +250,19 @@ def paint_in_polygon(canvas: np.ndarray, text: str, polygon, spec: FontSpec, col
         canvas[y0:y0 + th, x0:x0 + tw] = _div255(alpha.astype(np.int32)[..., None] * color.astype(np.int32))
 
 
+def draw_line(canvas: np.ndarray, text: str, polygon, spec: FontSpec, color_rgb=UNSPECIFIED_COLOR, scale: int = 1,
+              line_renderer: Callable[[str, FontSpec], np.ndarray] = render_line_u8) -> np.ndarray:
+    """One text line's glyph conditioning, the one way both the data reader and generation build it: the line
+    fitted into ``polygon`` in its colour, painted into ``canvas`` ((H·scale, W·scale, 3) uint8, in place), and its
+    80 × 512 line image for the glyph OCR, returned ((80, 512) uint8 {0, 1}; ``line_renderer`` may cache it).
+
+    Raises:
+        DegeneratePolygonError: the rectangle is too small for a 1 px font.
+    """
+    paint_in_polygon(canvas, text, polygon, spec, color_rgb, scale, True)
+    return line_renderer(text, spec)
+
+
 def render_alpha_tile(text: str, polygon, spec: FontSpec, canvas_h: int, canvas_w: int, scale: int = 1,
                       add_space: bool = True) -> tuple[np.ndarray | None, tuple[int, int]]:
     """Coverage (uint8 0-255) of the rendered line on the smallest canvas tile holding it, and the tile's (x, y).
