@@ -348,3 +348,29 @@ def test_style_lora_flag_syntax(text, message):
     with pytest.raises(ConfigError, match=message):
         StyleLora.parse(text)
     assert StyleLora.parse("C:/styles/a.safetensors:-0.5") == StyleLora("C:/styles/a.safetensors", -0.5)
+
+
+def test_style_fidelity_benchmark_style_lora_has_the_stated_size(tmp_path):
+    """benchmarks/style_fidelity.py: its recipe validates, and its style LoRA, merged at ratio 1 through the
+    --style-lora path, changes every adapted module by 0.1 of its norm (AttnX untouched, CLIP included)."""
+    import importlib.util
+    from pathlib import Path
+
+    from anytext2_lcm.recipes.spec import load_recipe
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("style_fidelity", repo / "benchmarks" / "style_fidelity.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    recipe = load_recipe(repo / "configs" / "style_fidelity.yaml")
+    assert [s.name for s in recipe.stages] == ["teacher", "student"] and recipe.sections["eval"]["style_size"] == 0.1
+    model = fresh()
+    modules = bench.style_modules(model)
+    assert not any("attn1x" in k or "attn2x" in k for k in modules)
+    assert any(k.startswith("lora_te_") for k in modules) and any("_ff_net_" in k for k in modules)
+    save_file(bench.random_style_lora(model, 4, 0.1, 0), str(tmp_path / "style.safetensors"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_community(model, read_community(None, [f"{tmp_path / 'style.safetensors'}:1"]))
+    for name in modules.values():
+        w0 = before[name + ".weight"]
+        assert abs(float((model.state_dict()[name + ".weight"] - w0).norm() / w0.norm()) - 0.1) < 1e-4, name
