@@ -403,7 +403,7 @@ def test_cli_lists_ui_without_importing_gradio():
             "print('gradio' in sys.modules, a.model, a.host, a.port, a.lora)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "tiny", "127.0.0.1", "0", "x"]
+    assert out.stdout.split() == ["False", "testbed", "127.0.0.1", "0", "x"]
 
 
 def test_cli_ui_without_gradio_says_how_to_install(monkeypatch, capsys):
