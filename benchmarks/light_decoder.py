@@ -4,6 +4,8 @@ fp32 and bf16, on the testbed's held-out lines. One command:
     python benchmarks/light_decoder.py --model testbed --lora ADAPTER            # the student, 1/2/4 steps
     python benchmarks/light_decoder.py --model testbed                           # the teacher's weights only
     python benchmarks/light_decoder.py --model MODEL_DIR --reconstruction-only   # a VAE stage: reconstructions
+    python benchmarks/light_decoder.py --model models/anytext2_v2.0 --decoder FILE --heldout test.json \
+        --reconstruction-only                                                    # the official model's decoder
 
 1. **Data** (cached under ``--cache``): the testbed recipe's training images (``datasets.train`` of ``--recipe``,
    ``--train-num`` of them) and held-out images (``datasets.heldout``: words the training vocabulary never produces).
@@ -194,6 +196,9 @@ def _parse(argv):
     ap.add_argument("--lora", default=None, help="the student adapter (its recorded sampling is used)")
     ap.add_argument("--decoder", default=None, help="a light decoder file (default: train one here)")
     ap.add_argument("--recipe", default=str(REPO / "configs" / "testbed.yaml"), help="testbed recipe (datasets)")
+    ap.add_argument("--heldout", default=None,
+                    help="an AnyWord JSON file to measure on instead of the recipe's held-out set (e.g. AnyWord-3M "
+                         "images for the official model); with --decoder no training data is made")
     ap.add_argument("--cache", default=str(REPO / "outputs" / "light_decoder_cache"))
     ap.add_argument("--out", default=str(REPO / "outputs" / "light_decoder"))
     ap.add_argument("--num", type=int, default=128, help="held-out images")
@@ -239,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cache, out = Path(args.cache), Path(args.out)
     size = build_model(args.model).cfg.image_size
-    data = make_data(Path(args.recipe), cache / "data", args.train_num, args.num)
+    if args.heldout and args.decoder:
+        data = {"heldout": Path(args.heldout)}
+    else:
+        data = make_data(Path(args.recipe), cache / "data", args.train_num, args.num)
+        data["heldout"] = Path(args.heldout) if args.heldout else data["heldout"]
     args.heldout = data["heldout"]
     decoder = Path(args.decoder) if args.decoder else train_decoder(
         args.model, data["train"], size, args,

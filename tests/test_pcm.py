@@ -19,7 +19,8 @@ from anytext2_lcm.distill.solver import (DDIMSolver, SkipPair, pcm_phase_edges, 
                                          predicted_original_sample)
 from anytext2_lcm.lora import disable_adapters
 from anytext2_lcm.defaults import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
-from anytext2_lcm.samplers import PCMSampler, sample_loop
+from anytext2_lcm.pipeline import sample
+from anytext2_lcm.samplers import PCMSampler
 from anytext2_lcm.samplers.schedule import NoiseSchedule
 
 from distill_helpers import (assert_same_tensors, first_batch, lora_student, losses, make_config, tiny_dataset,
@@ -104,14 +105,15 @@ def test_sampler_step_is_the_trained_jump():
     calls = []
 
     def eps_fn(x_, t):
+        t = int(t[0]) if torch.is_tensor(t) else t
         calls.append(t)
         return torch.sin(x_ * (1 + t / 1000))
 
-    out = sample_loop(PCMSampler(sched, num_phases=4), eps_fn, x, 4)
+    out = sample(eps_fn, PCMSampler(sched, num_phases=4), 4, x).latents
     assert calls == [999, 759, 499, 259]
     # Replay with the training map: grid index of each called timestep, jumped to its phase's lower edge.
     y = x
-    for t in list(calls):
+    for t in list(calls[:4]):
         i = torch.full((2,), GRID.index(t))
         e = eps_fn(y, t)
         y, _ = solver.phase_jump(predicted_original_sample(e, y, t, sched), e, i, edges)
@@ -369,7 +371,7 @@ def test_evaluate_pcm_with_cfg_and_negative_prompt(pcm_adapter, data, tmp_path, 
     runs = {r["name"]: r for r in res["runs"]}
     assert {"teacher", "student@2", "student@4"} <= set(runs)
     s4 = runs["student@4"]
-    assert s4["sampler"] == "pcm" and s4["cfg"] == 7.5 and s4["sampler_options"] == {"num_phases": 4}
+    assert s4["sampler"] == "pcm" and s4["cfg"] == 7.5 and s4["sampler_options"] == {"num_phases": 4, "original_steps": 50, "convention": "inference"}
     assert s4["unet_evals_per_image"] == 8  # 4 steps × (cond + uncond)
     assert res["config"]["n_prompt"] == "blurry, unreadable text"
     assert s4["fidelity_to_teacher"]["latent_mse"] is not None and s4["seconds_per_image"]["median"] > 0

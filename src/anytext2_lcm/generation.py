@@ -341,17 +341,8 @@ class Generator:
     def prepare(self, req: GenerationRequest) -> PreparedInputs:
         """Parse prompts, find positions, render every line, build the masked image."""
         warnings: list[str] = []
-        img_prompt, prompt_texts = parse_prompt_lines(req.prompt, req.max_chars)
-        if req.text_prompt is not None:
-            text_prompt, texts = parse_prompt_lines(req.text_prompt, req.max_chars)
-        else:
-            texts = prompt_texts
-            text_prompt = build_text_caption(len(texts), phrase="Text says ") if texts != [" "] else ""
-        for t in re_quoted(req.prompt, req.text_prompt):
-            if len(t) > req.max_chars:
-                warnings.append(f'"{t}" is longer than {req.max_chars} characters and was cut')
+        img_prompt, text_prompt, texts = _parse_texts(req, warnings)
         no_text = texts == [" "]
-
         edit = None
         cfg = self.model.cfg
         H, W = req.height or cfg.image_size, req.width or cfg.image_size
@@ -361,60 +352,49 @@ class Generator:
         if req.edit_image is not None:
             edit = resize_for_edit(read_image(req.edit_image, "edit_image"))
             H, W = edit.shape[:2]
-
-        masks: list[np.ndarray | None]
-        if req.mask is not None:
-            mask = read_image(req.mask, "mask") if isinstance(req.mask, (str, Path)) else np.asarray(req.mask)
-            if mask.shape[0] != H or mask.shape[1] != W:
-                import cv2
-
-                mask = cv2.resize(mask, (W, H), interpolation=cv2.INTER_NEAREST)
-            found = positions_from_mask(mask, req.sort, return_masks=True)
-            if not found and not no_text:
-                raise InputError("mask: no position found (draw white regions of at least 20 pixels on black)")
-            polygons = [p for p, _ in found]
-            masks = [m for _, m in found]
-        elif req.positions is not None:
-            polygons = [as_polygon(p, f"positions[{i}]") for i, p in enumerate(req.positions)]
-            for i, p in enumerate(polygons):
-                if (p[:, 0].max() < 0 or p[:, 1].max() < 0 or p[:, 0].min() >= W or p[:, 1].min() >= H):
-                    raise InputError(f"positions[{i}]: polygon lies outside the {W}x{H} image")
-            masks = [polygon_mask(p, H, W) for p in polygons]
-            for i, m in enumerate(masks):
-                if m.sum() == 0:
-                    raise InputError(f"positions[{i}]: polygon covers no pixel")
+        polygons, masks = _find_positions(req, H, W, len(texts), no_text, warnings)
+        n = len(texts)
+        style_crops = mimic_crops(req, n, warnings) if not no_text else {}  # no line: nothing to mimic for
+        lines = self._render_lines(req, texts, polygons, masks, H, W, no_text, edit is None, style_crops, warnings)
+        if req.revise_position and edit is not None:
+            warnings.append("revise_position is off in editing mode (as in the original)")
+        hint = np.clip(lines.positions.sum(0), 0, 1)
+        if edit is None:
+            masked = np.full((H, W, 3), -1.0, np.float32)
         else:
-            polygons, masks = [], []
-        if len(polygons) < len(texts):
-            if not no_text:
-                raise InputError(f"{len(texts)} quoted text lines but only {len(polygons)} positions: give one "
-                                 "position per line")
-        elif len(polygons) > len(texts) and not no_text:
-            warnings.append(f"{len(polygons)} positions but {len(texts)} lines: the extra positions are unused")
+            masked = np.clip(np.clip(edit, 1, 255).astype(np.float32) / 127.5 - 1.0 - hint[..., None] * 10, -1, 1)
+        ti = lines.text_info(req.num_images, n, H, W, cfg.writenet.glyph_scale, cfg.vae.z_channels,
+                             cfg.latent_factor)
+        scale = cfg.writenet.glyph_scale
+        glyphs = lines.glyphs[:, ::scale, ::scale] if scale > 1 else lines.glyphs
+        preview = _glyph_preview(glyphs.astype(np.float32) / 255.0, polygons[:n])
+        t = torch.from_numpy(np.ascontiguousarray(masked))
+        return PreparedInputs(ti, img_prompt, text_prompt, texts, lines.used_polys, t.permute(2, 0, 1)[None],
+                              preview, warnings, H, W, style_crops,
+                              debug_images(preview, lines.positions, lines.font_hint, style_crops))
 
+    def _render_lines(self, req: GenerationRequest, texts: list[str], polygons: list, masks: list, H: int, W: int,
+                      no_text: bool, revise: bool, style_crops: dict, warnings: list[str]) -> "_Lines":
+        """Every line's glyphs (one renderer: ``data.glyphs.draw_line``), line image, position, colour and font
+        hint; ``revise``: the request's revise_position applies (generation, not editing)."""
         n = len(texts)
         glyph_font = self._font(req)
         fonts = list(req.fonts or [])
         colors = list(req.colors or [])
-        style_crops = mimic_crops(req, n, warnings) if not no_text else {}  # no line: nothing to mimic for
         if len(fonts) > n or len(colors) > n:
             warnings.append("more fonts/colours than lines: the extras are ignored")
         scale = self.model.cfg.writenet.glyph_scale
-        f = self.model.cfg.latent_factor
-        glyphs = np.zeros((n, H * scale, W * scale, 3), np.uint8)
-        positions = np.zeros((n, H, W), np.float32)
-        gly_line = np.zeros((n, 80, 512), np.uint8)
-        color_arr = np.full((n, 3), UNSPECIFIED_COLOR, np.float32)
-        font_hint = np.zeros((H, W), np.float32)
-        used_polys: list = []
+        out = _Lines(glyphs=np.zeros((n, H * scale, W * scale, 3), np.uint8), positions=np.zeros((n, H, W), np.float32),
+                     gly_line=np.zeros((n, 80, 512), np.uint8), colors=np.full((n, 3), UNSPECIFIED_COLOR, np.float32),
+                     font_hint=np.zeros((H, W), np.float32), used_polys=[])
         for i, text in enumerate(texts):
             poly = polygons[i] if i < len(polygons) else None
-            used_polys.append(None if poly is None else np.asarray(poly).tolist())
+            out.used_polys.append(None if poly is None else np.asarray(poly).tolist())
             if i < len(colors) and colors[i] is not None:
                 c = np.asarray(colors[i], dtype=np.float32).reshape(-1)
                 if c.shape != (3,) or not np.isfinite(c).all():
                     raise InputError(f"colors[{i}]: expected (r, g, b), got {colors[i]!r}")
-                color_arr[i] = c
+                out.colors[i] = c
             if poly is None or no_text:
                 continue  # the original's "text-to-image without text": blank line conditioning
             missing = glyph_font.missing_chars(text)
@@ -422,45 +402,23 @@ class Generator:
                 raise InputError(f"line {i} {text!r}: the glyph font {glyph_font.name} has no glyph for "
                                  f"{''.join(missing)!r}; pass a font that covers it (--font)")
             try:
-                gly_line[i] = draw_line(glyphs[i], text, poly, glyph_font, tuple(color_arr[i]), scale)
+                out.gly_line[i] = draw_line(out.glyphs[i], text, poly, glyph_font, tuple(out.colors[i]), scale)
             except DegeneratePolygonError as e:
                 raise InputError(f"positions[{i}]: {e}") from None
-            positions[i] = masks[i]
-            if req.revise_position and edit is None:
-                _revise(i, glyphs[i].astype(np.float32) / 255.0, positions, polygons, used_polys, warnings)
+            out.positions[i] = masks[i]
+            if req.revise_position and revise:
+                _revise(i, out.glyphs[i].astype(np.float32) / 255.0, out.positions, polygons, out.used_polys,
+                        warnings)
             if i < len(fonts) and fonts[i] and i not in style_crops:
                 spec = usable_font(fonts[i], f"fonts[{i}]")
                 if spec.missing_chars(text):
                     raise InputError(f"fonts[{i}] {spec.name} has no glyph for {''.join(spec.missing_chars(text))!r} "
                                      f"of line {text!r}")
-                font_hint += render_font_hint(text, poly, spec, H, W)
-        glyphs = glyphs.astype(np.float32) / 255.0  # colour × coverage in [0, 1], as the original divides
-        font_hint = np.clip(font_hint, 0, 1)
+                out.font_hint += render_font_hint(text, poly, spec, H, W)
+        out.font_hint = np.clip(out.font_hint, 0, 1)
         if req.hollow_font:
-            font_hint = hollow_font_hint(font_hint)
-        if req.revise_position and edit is not None:
-            warnings.append("revise_position is off in editing mode (as in the original)")
-        hint = np.clip(positions.sum(0), 0, 1)
-        if edit is None:
-            masked = np.full((H, W, 3), -1.0, np.float32)
-        else:
-            masked = np.clip(np.clip(edit, 1, 255).astype(np.float32) / 127.5 - 1.0 - hint[..., None] * 10, -1, 1)
-        B = req.num_images
-        L = max(n, 1)
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-        ti = TextInfo(
-            glyphs=t(glyphs).permute(0, 3, 1, 2)[None].expand(B, -1, -1, -1, -1).reshape(B, L, 3, H * scale, W * scale),
-            positions=t(positions)[None, :, None].expand(B, -1, -1, -1, -1),
-            gly_line=t(gly_line.astype(np.float32))[None, :, None].expand(B, -1, -1, -1, -1),
-            colors=(t(color_arr) / 255.0)[None].expand(B, -1, -1),
-            n_lines=torch.full((B,), n, dtype=torch.long),
-            font_hint=t(font_hint)[None, None].expand(B, -1, -1, -1),
-            masked_x=torch.zeros(B, self.model.cfg.vae.z_channels, H // f, W // f),
-        )
-        preview = _glyph_preview(glyphs[:, ::scale, ::scale] if scale > 1 else glyphs, polygons[:n])
-        return PreparedInputs(ti, img_prompt, text_prompt, texts, used_polys, t(masked).permute(2, 0, 1)[None],
-                              preview, warnings, H, W, style_crops,
-                              debug_images(preview, positions, font_hint, style_crops))
+            out.font_hint = hollow_font_hint(out.font_hint)
+        return out
 
     # ---- step 2: sampling ----------------------------------------------------------------------------------------
 
@@ -608,6 +566,78 @@ def mimic_crops(req: GenerationRequest, n: int | None = None,
             raise InputError(f"mimic_fonts[{i}]: {e}") from None
     return out
 
+
+
+def _parse_texts(req: GenerationRequest, warnings: list[str]) -> tuple[str, str, list[str]]:
+    """(image prompt with ``*`` for each quoted line, text prompt, the lines); ``[" "]`` when there is none."""
+    img_prompt, prompt_texts = parse_prompt_lines(req.prompt, req.max_chars)
+    if req.text_prompt is not None:
+        text_prompt, texts = parse_prompt_lines(req.text_prompt, req.max_chars)
+    else:
+        texts = prompt_texts
+        text_prompt = build_text_caption(len(texts), phrase="Text says ") if texts != [" "] else ""
+    for t in re_quoted(req.prompt, req.text_prompt):
+        if len(t) > req.max_chars:
+            warnings.append(f'"{t}" is longer than {req.max_chars} characters and was cut')
+    return img_prompt, text_prompt, texts
+
+
+def _find_positions(req: GenerationRequest, H: int, W: int, n_texts: int, no_text: bool,
+                    warnings: list[str]) -> tuple[list, list]:
+    """The lines' polygons and (H, W) masks, from the request's mask image or its positions; one per line."""
+    if req.mask is not None:
+        mask = read_image(req.mask, "mask") if isinstance(req.mask, (str, Path)) else np.asarray(req.mask)
+        if mask.shape[0] != H or mask.shape[1] != W:
+            import cv2
+
+            mask = cv2.resize(mask, (W, H), interpolation=cv2.INTER_NEAREST)
+        found = positions_from_mask(mask, req.sort, return_masks=True)
+        if not found and not no_text:
+            raise InputError("mask: no position found (draw white regions of at least 20 pixels on black)")
+        polygons, masks = [p for p, _ in found], [m for _, m in found]
+    elif req.positions is not None:
+        polygons = [as_polygon(p, f"positions[{i}]") for i, p in enumerate(req.positions)]
+        for i, p in enumerate(polygons):
+            if (p[:, 0].max() < 0 or p[:, 1].max() < 0 or p[:, 0].min() >= W or p[:, 1].min() >= H):
+                raise InputError(f"positions[{i}]: polygon lies outside the {W}x{H} image")
+        masks = [polygon_mask(p, H, W) for p in polygons]
+        for i, m in enumerate(masks):
+            if m.sum() == 0:
+                raise InputError(f"positions[{i}]: polygon covers no pixel")
+    else:
+        polygons, masks = [], []
+    if len(polygons) < n_texts and not no_text:
+        raise InputError(f"{n_texts} quoted text lines but only {len(polygons)} positions: give one position per line")
+    if len(polygons) > n_texts and not no_text:
+        warnings.append(f"{len(polygons)} positions but {n_texts} lines: the extra positions are unused")
+    return polygons, masks
+
+
+@dataclass
+class _Lines:
+    """The rendered lines of a request (n lines): glyphs (n, gH, gW, 3) uint8, positions (n, H, W), line images
+    (n, 80, 512) uint8, colours (n, 3) 0-255 (500: unspecified), the font-hint canvas (H, W) and the polygons used."""
+
+    glyphs: np.ndarray
+    positions: np.ndarray
+    gly_line: np.ndarray
+    colors: np.ndarray
+    font_hint: np.ndarray
+    used_polys: list
+
+    def text_info(self, B: int, n: int, H: int, W: int, scale: int, z_channels: int, f: int) -> TextInfo:
+        """The batch of ``B`` identical samples (glyphs as colour × coverage in [0, 1], as the original divides)."""
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+        L = max(n, 1)
+        glyphs = t(self.glyphs.astype(np.float32) / 255.0).permute(0, 3, 1, 2)[None]
+        return TextInfo(
+            glyphs=glyphs.expand(B, -1, -1, -1, -1).reshape(B, L, 3, H * scale, W * scale),
+            positions=t(self.positions)[None, :, None].expand(B, -1, -1, -1, -1),
+            gly_line=t(self.gly_line.astype(np.float32))[None, :, None].expand(B, -1, -1, -1, -1),
+            colors=(t(self.colors) / 255.0)[None].expand(B, -1, -1),
+            n_lines=torch.full((B,), n, dtype=torch.long),
+            font_hint=t(self.font_hint)[None, None].expand(B, -1, -1, -1),
+            masked_x=torch.zeros(B, z_channels, H // f, W // f))
 
 def _revise(i: int, glyph: np.ndarray, positions: np.ndarray, polygons: list, used: list, warnings: list) -> None:
     """``revise_position`` of line ``i``, in place (positions (n, H, W), the polygons); a warning when the glyphs
