@@ -224,7 +224,7 @@ def run_check(smoke: bool, work: Path, fixture: Path) -> dict:
         doc["sections"]["drift"]["note"] = "fp16 is not run on a CPU (no fast fp16 kernels there)"
     speed_dtype = "fp32" if smoke else "fp16"
     _section(doc, "speed", lambda: check_speed(models.get(speed_dtype, base), spec, device, speed_dtype))
-    del models, base
+    models = base = None  # free the model copies before the distillation check
     data = write_dataset(SynthConfig(num=spec["data_num"], size=spec["size"], seed=0), work / "data")[0]
     _section(doc, "distill", lambda: check_distill(spec, Path(data), work, device))
     _section(doc, "loader", lambda: check_loader(spec, Path(data)))

@@ -26,7 +26,6 @@ Printed, and written to OUT/results.json and OUT/table.md.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import time

@@ -44,7 +44,6 @@ def tiny_fixture(tiny_fixture_dir):
 
 def assert_close_ref(ours, ref, name: str = "") -> None:
     """The project's parity tolerance: max|ours - ref| <= 5e-5 * max(1, max|ref|)."""
-    import torch
 
     ours = ours.detach().float().cpu()
     ref = ref.float()

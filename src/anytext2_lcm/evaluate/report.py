@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ..atomic import save_image, write_json, write_text
 

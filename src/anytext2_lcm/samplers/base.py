@@ -12,7 +12,7 @@ broadcast against the latent, so the latent's dtype decides the dtype of the res
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
