@@ -24,6 +24,7 @@ no ``torch.compile`` (the section says so), under a minute on one core.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -159,13 +160,19 @@ def _distill_config(spec: dict, data: Path, out: Path, checkpointing: bool, devi
 
 
 def check_distill(spec: dict, data: Path, work: Path, device) -> dict:
+    import torch
+
     from anytext2_lcm.distill.config import load_config
     from anytext2_lcm.distill.trainer import train
 
     out = {}
     for checkpointing in (False, True):
         folder = work / f"distill_gc_{'on' if checkpointing else 'off'}"
+        gc.collect()  # the first run's models must be gone, or the second run's peak counts them too
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         _cuda_peak_reset(device)
+        start = torch.cuda.memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
         t0 = time.perf_counter()
         result = train(load_config(None, base=_distill_config(spec, data, folder, checkpointing, device)))
         wall = time.perf_counter() - t0
@@ -173,7 +180,9 @@ def check_distill(spec: dict, data: Path, work: Path, device) -> dict:
         steady = rates[2:] or rates
         out["checkpointing_" + ("on" if checkpointing else "off")] = {
             "steps": result.state.optimizer_steps, "s_per_step": 1.0 / statistics.median(steady),
-            "run_seconds": wall, "peak_cuda_gib": _cuda_peak_gib(device), "exit_code": result.exit_code}
+            "run_seconds": wall, "peak_cuda_gib": _cuda_peak_gib(device), "start_cuda_gib": start,
+            "exit_code": result.exit_code}
+        del result
     return out
 
 
@@ -201,9 +210,15 @@ def _section(doc: dict, name: str, fn) -> None:
                                  "seconds": time.perf_counter() - t0}
     print(f"[gpu_check] {name}: {'error' if 'error' in doc['sections'][name] else 'done'} in "
           f"{doc['sections'][name]['seconds']:.1f} s", flush=True)
+    # the section's figures at once, so that a run stopped later still leaves them in its log
+    print(json.dumps({name: {k: v for k, v in doc["sections"][name].items() if k != "traceback"}}, default=str),
+          flush=True)
 
 
-def run_check(smoke: bool, work: Path, fixture: Path) -> dict:
+SECTIONS = ("parity", "drift", "speed", "distill", "loader")
+
+
+def run_check(smoke: bool, work: Path, fixture: Path, sections: tuple[str, ...] = SECTIONS) -> dict:
     import torch
 
     from anytext2_lcm.data.synthetic import SynthConfig, write_dataset
@@ -215,19 +230,26 @@ def run_check(smoke: bool, work: Path, fixture: Path) -> dict:
     doc = {"mode": "cpu smoke" if smoke else "gpu", "device": torch.cuda.get_device_name(0) if not smoke else "cpu",
            "torch": torch.__version__, "threads": torch.get_num_threads(), "sizes": spec, "sections": {}}
     t0 = time.perf_counter()
-    _section(doc, "parity", lambda: check_parity(device, fixture))
-    base = build_model(None, preset=spec["preset"], init="default").to(device).eval()
-    models = {"fp32": base, **{d: converted_copy(base, {"fp16": torch.float16, "bf16": torch.bfloat16}[d])
-                               for d in spec["dtypes"]}}
-    _section(doc, "drift", lambda: check_drift(models, spec["size"]))
-    if smoke:
-        doc["sections"]["drift"]["note"] = "fp16 is not run on a CPU (no fast fp16 kernels there)"
-    speed_dtype = "fp32" if smoke else "fp16"
-    _section(doc, "speed", lambda: check_speed(models.get(speed_dtype, base), spec, device, speed_dtype))
-    models = base = None  # free the model copies before the distillation check
-    data = write_dataset(SynthConfig(num=spec["data_num"], size=spec["size"], seed=0), work / "data")[0]
-    _section(doc, "distill", lambda: check_distill(spec, Path(data), work, device))
-    _section(doc, "loader", lambda: check_loader(spec, Path(data)))
+    if "parity" in sections:
+        _section(doc, "parity", lambda: check_parity(device, fixture))
+    if "drift" in sections or "speed" in sections:
+        base = build_model(None, preset=spec["preset"], init="default").to(device).eval()
+        models = {"fp32": base, **{d: converted_copy(base, {"fp16": torch.float16, "bf16": torch.bfloat16}[d])
+                                   for d in spec["dtypes"]}}
+        if "drift" in sections:
+            _section(doc, "drift", lambda: check_drift(models, spec["size"]))
+            if smoke:
+                doc["sections"]["drift"]["note"] = "fp16 is not run on a CPU (no fast fp16 kernels there)"
+        speed_dtype = "fp32" if smoke else "fp16"
+        if "speed" in sections:
+            _section(doc, "speed", lambda: check_speed(models.get(speed_dtype, base), spec, device, speed_dtype))
+        models = base = None  # free the model copies before the distillation check
+    if "distill" in sections or "loader" in sections:
+        data = write_dataset(SynthConfig(num=spec["data_num"], size=spec["size"], seed=0), work / "data")[0]
+        if "distill" in sections:
+            _section(doc, "distill", lambda: check_distill(spec, Path(data), work, device))
+        if "loader" in sections:
+            _section(doc, "loader", lambda: check_loader(spec, Path(data)))
     doc["total_seconds"] = time.perf_counter() - t0
     return doc
 
@@ -261,9 +283,10 @@ def to_markdown(doc: dict) -> str:
                 L += [f"| {mode} | {lab} | {sec_:.3f} | {_fmt(v['speedup_vs_teacher'].get(lab), '.1f')} | "
                       f"{_fmt(v['peak_cuda_gib'], '.2f')} |" for lab, sec_ in v["s_per_image"].items()]
         elif name == "distill":
-            L += ["| gradient checkpointing | steps | s/step | peak GiB |", "|---|---|---|---|"]
-            L += [f"| {k.split('_')[-1]} | {v['steps']} | {v['s_per_step']:.3f} | {_fmt(v['peak_cuda_gib'], '.2f')} |"
-                  for k, v in r.items()]
+            L += ["| gradient checkpointing | steps | s/step | peak GiB | GiB held at the start |",
+                  "|---|---|---|---|---|"]
+            L += [f"| {k.split('_')[-1]} | {v['steps']} | {v['s_per_step']:.3f} | {_fmt(v['peak_cuda_gib'], '.2f')} | "
+                  f"{_fmt(v.get('start_cuda_gib'), '.2f')} |" for k, v in r.items()]
         elif name == "loader":
             L.append(f"{r['samples_per_s']:.1f} samples/s with {r['workers']} workers at {r['size']} px "
                      f"({_fmt(r['cpu_ms_per_sample'], '.1f')} CPU ms/sample)")
@@ -278,7 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
     ap.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU (automatic without CUDA)")
     ap.add_argument("--fixture", default=str(REPO / "tests" / "fixtures" / "tiny"), help="parity fixture folder")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated sections to run (default: all of {', '.join(SECTIONS)})")
     args = ap.parse_args(argv)
+    sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        ap.error(f"--sections: unknown {unknown} (known: {', '.join(SECTIONS)})")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -292,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
-        doc = run_check(smoke, Path(work), Path(args.fixture))
+        doc = run_check(smoke, Path(work), Path(args.fixture), sections)
     md = to_markdown(doc)
     write_json(out / "gpu_check.json", _strict(doc))
     write_text(out / "gpu_check.md", md)
