@@ -9,7 +9,7 @@ See ``anytext2_lcm.evaluate.bench`` for what is timed and how.
 
 import sys
 
-from anytext2_lcm.evaluate.bench import main
+from anytext2_lcm.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -10,7 +10,6 @@ log = logging.getLogger(__name__)
 
 def register(sub) -> None:
     from .common import CFG, MAX_STEPS, POSITIVE, SEED, STEPS, add_model_args, command, number, number_list
-    from ..evaluate.bench import add_bench_args
     from ..evaluate.runner import EVAL_A_PROMPT, EVAL_N_PROMPT
     from ..evaluate.runtime import add_runtime_args
     from ..defaults import STUDENT_STEPS, TEACHER_CFG, TEACHER_STEPS
@@ -150,6 +149,95 @@ def _bench(args) -> int:
     each component, the measured and eval-count ratios and the goals. Default: the sd15 architecture with random
     weights at 256 px.
     """
-    from ..evaluate.bench import bench_from_args
+    return _bench_run(args)
 
-    return bench_from_args(args)
+
+def add_bench_args(p) -> None:
+    """The options of ``anytext2-lcm bench`` (also ``benchmarks/speed.py``, which runs that command)."""
+    from ..defaults import TEACHER_CFG
+    from ..evaluate.runtime import add_runtime_args
+    from .common import CFG, MAX_STEPS, number, number_list
+
+    p.add_argument("--model", default="sd15", help="'sd15' (real architecture, random weights), 'tiny', or a "
+                                                   "converted folder / checkpoint")
+    p.add_argument("--size", type=number(64, 8192, integer=True), default=256,
+                   help="image side (256 on a CPU, 512 on a GPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="model precision (auto: fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--teacher-steps", type=number_list(1, MAX_STEPS), default=(20, 50), help="teacher DDIM step counts")
+    p.add_argument("--student-steps", type=number_list(1, MAX_STEPS), default=(1, 2, 4, 8), help="student step counts")
+    p.add_argument("--teacher-cfg", type=CFG, default=TEACHER_CFG)
+    p.add_argument("--student-sampler", default="lcm", choices=["lcm", "tcd", "pcm"])
+    p.add_argument("--repeats", type=number(1, 1000, integer=True), default=3, help="timed rounds (median reported)")
+    p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--no-components", action="store_true", help="skip the per-component timings")
+    p.add_argument("--variants", default="",
+                   help="settings to time after the base in the same run, ';'-separated, each '+'-joined tokens: "
+                        "channels_last, vae_bf16, bf16, tiny_decoder, compile, lora, lora_merged "
+                        "(e.g. 'channels_last;vae_bf16;tiny_decoder;bf16')")
+    p.add_argument("--variant-runs", default="",
+                   help="comma-separated runs to time for the variants, e.g. teacher@20,teacher@50,student@2,student@4 "
+                        "(default: all)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    g = p.add_argument_group("the speed goal (--goal)")
+    g.add_argument("--goal", action="store_true",
+                   help="time the student (--student-steps, default 1,2,4) plain and with each of --options against "
+                        "the 20-step teacher run as the original runs it (fp32, CFG as two passes, full decoder), "
+                        "interleaved, at each of --sizes; check the goal (4 steps: >= 16x at 256 px, >= 12x at 512)")
+    g.add_argument("--sizes", type=number_list(64, 8192), default=(256, 512), help="--goal: image sides")
+    g.add_argument("--options", default="tiny_decoder;bf16;channels_last;fast",
+                   help="--goal: ';'-separated student settings, each '+'-joined variant tokens; 'fast' = what "
+                        "--fast selects on this device")
+    g.add_argument("--like-for-like", default="fast",
+                   help="--goal: ';'-separated options whose teacher is timed with the same settings too ('base': "
+                        "the plain teacher)")
+    add_runtime_args(p)
+
+
+def _bench_goal(args) -> int:
+    from ..evaluate.goal import GoalConfig, format_goal, run_goal
+
+    split = lambda text: tuple(v.strip() for v in text.split(";") if v.strip())  # noqa: E731
+    students = args.student_steps if args.student_steps != (1, 2, 4, 8) else (1, 2, 4)
+    cfg = GoalConfig(model=args.model, sizes=args.sizes, device=args.device, options=split(args.options),
+                     like_for_like=split(args.like_for_like), student_steps=students,
+                     teacher_steps=args.teacher_steps[0], teacher_cfg=args.teacher_cfg,
+                     student_sampler=args.student_sampler, repeats=args.repeats,
+                     tiny_decoder=args.tiny_decoder or "random")
+    save = (lambda d: _write_json(args.json, d)) if args.json else None  # after each size: a long run keeps it
+    doc = run_goal(cfg, log_fn=lambda s: print(s, flush=True), on_size=save)
+    print()
+    print(format_goal(doc))
+    return 0
+
+
+def _write_json(path: str, doc: dict) -> None:
+    from ..atomic import write_json
+    from ..evaluate.report import _strict
+
+    write_json(path, _strict(doc), indent=1)
+
+
+def _bench_run(args) -> int:
+    from ..evaluate.bench import BenchConfig, format_report, run_bench
+    from ..evaluate.runtime import resolve_runtime_args, runtime_from_args
+    from ..factory import pick_device
+
+    if args.goal:
+        return _bench_goal(args)
+    resolve_runtime_args(args, pick_device(args.device), fallback_decoder="random")
+
+    cfg = BenchConfig(model=args.model, size=args.size, device=args.device, dtype=args.dtype,
+                      teacher_steps=args.teacher_steps, student_steps=args.student_steps,
+                      teacher_cfg=args.teacher_cfg, student_sampler=args.student_sampler, repeats=args.repeats,
+                      warmup=not args.no_warmup, components=not args.no_components,
+                      runtime=runtime_from_args(args),
+                      variants=tuple(v.strip() for v in args.variants.split(";") if v.strip()),
+                      variant_runs=tuple(v.strip() for v in args.variant_runs.split(",") if v.strip()))
+    doc = run_bench(cfg, log_fn=lambda s: print(s, flush=True))
+    print()
+    print(format_report(doc))
+    if args.json:
+        _write_json(args.json, doc)
+    return 0

@@ -214,7 +214,7 @@ def load_lora(model: nn.Module, path: str | Path, adapter_name: str = "default",
         CheckpointError: unsafe or unreadable file; the adapter targets modules the model lacks; a rank or shape
             that does not fit the model or the adapter's own config.
     """
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft import inject_adapter_in_model
 
     path = Path(path)
     source = str(path)
@@ -237,6 +237,33 @@ def load_lora(model: nn.Module, path: str | Path, adapter_name: str = "default",
             f"{source}: the adapter targets {len(missing)} modules this model lacks, e.g. {missing[:3]} "
             f"(an adapter for another architecture or preset?)")
 
+    config = _adapter_config(config_dict, groups, alphas, source)
+    _check_shapes(groups, by_name, config, source)
+
+    # Inject exactly the modules the weights name (a config's suffix list could match more).
+    config.target_modules = list(groups)
+    config.exclude_modules = None
+    config.inference_mode = True
+    meta = _is_meta(model)
+    inject_adapter_in_model(config, model, adapter_name=adapter_name, low_cpu_mem_usage=meta)
+    _place_weights(model, groups, adapter_name, meta, source)
+    if trainable:
+        _freeze_to_lora(model, adapter_name)
+    else:
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(False)
+    if scale is not None:
+        set_lora_scale(model, scale, adapter_name)
+    log.info("loaded LoRA %s: %d modules, r=%d, alpha=%g", source, len(groups), config.r, config.lora_alpha)
+    return config
+
+
+def _adapter_config(config_dict: dict | None, groups: dict, alphas: dict, source: str):
+    """The adapter's ``LoraConfig``: from its recorded config, else from the weights (r from the shapes, the most
+    common rank and alpha as defaults and the others as patterns; alpha = r where the file records none)."""
+    from peft import LoraConfig
+
     ranks = {n: int(g["A"].shape[0]) for n, g in groups.items()}
     if config_dict is not None:
         if str(config_dict.get("peft_type", "LORA")).upper() != "LORA":
@@ -244,15 +271,18 @@ def load_lora(model: nn.Module, path: str | Path, adapter_name: str = "default",
         config = LoraConfig.from_peft_type(**{k: v for k, v in config_dict.items() if k != "peft_type"})
         if config.use_dora:
             raise CheckpointError(f"{source}: DoRA adapters are not supported")
-    else:
-        r0 = Counter(ranks.values()).most_common(1)[0][0]
-        alpha0 = Counter(alphas.values()).most_common(1)[0][0] if alphas else float(r0)
-        if not alphas:
-            log.warning("%s: no adapter config; using r=%d from the weights and alpha=r (scale 1)", source, r0)
-        config = LoraConfig(r=r0, lora_alpha=alpha0,
-                            rank_pattern={n: r for n, r in ranks.items() if r != r0},
-                            alpha_pattern={n: a for n, a in alphas.items() if a != alpha0})
-    # Shapes against both the model and the config's rank (rank_pattern included).
+        return config
+    r0 = Counter(ranks.values()).most_common(1)[0][0]
+    alpha0 = Counter(alphas.values()).most_common(1)[0][0] if alphas else float(r0)
+    if not alphas:
+        log.warning("%s: no adapter config; using r=%d from the weights and alpha=r (scale 1)", source, r0)
+    return LoraConfig(r=r0, lora_alpha=alpha0,
+                      rank_pattern={n: r for n, r in ranks.items() if r != r0},
+                      alpha_pattern={n: a for n, a in alphas.items() if a != alpha0})
+
+
+def _check_shapes(groups: dict, by_name: dict, config, source: str) -> None:
+    """Every lora_A / lora_B shape against both the model's module and the config's rank (rank_pattern included)."""
     errors = []
     for n, g in groups.items():
         r = _pattern_value(config.rank_pattern, n, config.r)
@@ -265,12 +295,11 @@ def load_lora(model: nn.Module, path: str | Path, adapter_name: str = "default",
         raise CheckpointError(f"{source}: {len(errors)} LoRA weights do not fit the model or the adapter's rank: "
                               + "; ".join(errors[:4]) + (" ..." if len(errors) > 4 else ""))
 
-    # Inject exactly the modules the weights name (a config's suffix list could match more).
-    config.target_modules = list(groups)
-    config.exclude_modules = None
-    config.inference_mode = True
-    meta = _is_meta(model)
-    inject_adapter_in_model(config, model, adapter_name=adapter_name, low_cpu_mem_usage=meta)
+
+def _place_weights(model: nn.Module, groups: dict, adapter_name: str, meta: bool, source: str) -> None:
+    """Put the checked weights into the injected PEFT layers (through PEFT, or directly on a meta-device model)."""
+    from peft import set_peft_model_state_dict
+
     layers = lora_layers(model)
     if meta:
         # A model on the meta device (format conversion without the base weights): PEFT would move loaded
@@ -293,16 +322,6 @@ def load_lora(model: nn.Module, path: str | Path, adapter_name: str = "default",
         if unexpected or not_loaded:
             raise CheckpointError(f"{source}: PEFT did not take every weight (unexpected {unexpected[:3]}, "
                                   f"not loaded {not_loaded[:3]})")
-    if trainable:
-        _freeze_to_lora(model, adapter_name)
-    else:
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.requires_grad_(False)
-    if scale is not None:
-        set_lora_scale(model, scale, adapter_name)
-    log.info("loaded LoRA %s: %d modules, r=%d, alpha=%g", source, len(groups), config.r, config.lora_alpha)
-    return config
 
 
 def _pattern_value(pattern: dict | None, name: str, default):

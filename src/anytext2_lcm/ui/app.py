@@ -190,6 +190,9 @@ def build_app(engine: Engine, *, default_size: int | None = None, font_files: Se
         default_size: initial width and height (default: the model's own size, ``cfg.image_size``).
         font_files: fonts offered per line (default: the system's, ``system_font_files()``).
         edit_max_side: images to edit are shrunk to this longest side (default: 512 on the CPU, 1024 on a GPU).
+
+    One long function on purpose: Gradio declares a page as nested ``with`` blocks, so the function reads top to
+    bottom like the page it builds (the handlers live in ``Handlers``, the input checks in ``ui/inputs.py``).
     """
     import gradio as gr
 

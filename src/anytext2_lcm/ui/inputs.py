@@ -367,6 +367,32 @@ def build_request(ui: UiInputs) -> tuple[GenerationRequest, list[str]]:
     cfg = _float(ui.cfg_scale, "CFG scale", 0.0, strict=True)
     strength = _float(ui.strength, "strength", 0.0)
 
+    edit_image, mask, height, width = _canvas_and_mask(ui)
+    notes += _check_positions(ui, lines, mask, sort)
+
+    styles = list(ui.styles or [])
+    if len(lines) > MAX_LINES:
+        notes.append(f"{len(lines)} lines: lines after the {MAX_LINES}th get no font and an unspecified colour.")
+    extra = [i + 1 for i, s in enumerate(styles) if i >= len(lines) and (s.font or s.color or s.mimic)]
+    if extra:
+        notes.append(f"font/colour set for line{'s' if len(extra) > 1 else ''} {', '.join(map(str, extra))} but the "
+                     f"prompt has {len(lines)} quoted line{'s' if len(lines) != 1 else ''}: ignored.")
+    styles = styles[:len(lines)]
+    check_fonts(lines, styles, ui.glyph_font)
+
+    req = GenerationRequest(
+        prompt=prompt, mask=mask if (mask is not None and lines) else None, sort=sort,
+        fonts=[s.font for s in styles] or None, colors=[s.color for s in styles] or None,
+        mimic_fonts=[s.mimic for s in styles] or None, revise_position=bool(ui.revise_position),
+        hollow_font=bool(ui.hollow_font),
+        edit_image=edit_image, height=height, width=width, num_images=num_images, seed=seed, steps=steps,
+        sampler=ui.sampler, cfg_scale=cfg, strength=strength, a_prompt=ui.a_prompt, n_prompt=ui.n_prompt,
+        glyph_font=ui.glyph_font)
+    return req, notes
+
+
+def _canvas_and_mask(ui: UiInputs) -> tuple[np.ndarray | None, np.ndarray | None, int, int]:
+    """(image to edit or None, position mask or None, height, width) from the editor or the canvas widgets."""
     edit_image = None
     if ui.task == TASK_EDIT:
         edit_image = editor_background(ui.edit)
@@ -388,6 +414,12 @@ def build_request(ui: UiInputs) -> tuple[GenerationRequest, list[str]]:
                 raise InputError(f"{name} {v}: must be a multiple of {SIZE_MULTIPLE}")
         mask = combine_masks([mask_from_strokes(ui.drawn), mask_from_image(ui.uploaded_mask)], (height, width))
 
+    return edit_image, mask, height, width
+
+
+def _check_positions(ui: UiInputs, lines: list[str], mask: np.ndarray | None, sort: str) -> list[str]:
+    """Check the mask against the quoted lines (one region per line, ``sort`` order); returns the non-fatal notes."""
+    notes: list[str] = []
     where = ("brush over the text regions of the image" if ui.task == TASK_EDIT
              else "draw one white region per line on the canvas, or upload a white-on-black mask")
     if lines:
@@ -410,25 +442,7 @@ def build_request(ui: UiInputs) -> tuple[GenerationRequest, list[str]]:
     else:
         notes.append('No "quoted" text in the prompt: generating without text lines.')
 
-    styles = list(ui.styles or [])
-    if len(lines) > MAX_LINES:
-        notes.append(f"{len(lines)} lines: lines after the {MAX_LINES}th get no font and an unspecified colour.")
-    extra = [i + 1 for i, s in enumerate(styles) if i >= len(lines) and (s.font or s.color or s.mimic)]
-    if extra:
-        notes.append(f"font/colour set for line{'s' if len(extra) > 1 else ''} {', '.join(map(str, extra))} but the "
-                     f"prompt has {len(lines)} quoted line{'s' if len(lines) != 1 else ''}: ignored.")
-    styles = styles[:len(lines)]
-    check_fonts(lines, styles, ui.glyph_font)
-
-    req = GenerationRequest(
-        prompt=prompt, mask=mask if (mask is not None and lines) else None, sort=sort,
-        fonts=[s.font for s in styles] or None, colors=[s.color for s in styles] or None,
-        mimic_fonts=[s.mimic for s in styles] or None, revise_position=bool(ui.revise_position),
-        hollow_font=bool(ui.hollow_font),
-        edit_image=edit_image, height=height, width=width, num_images=num_images, seed=seed, steps=steps,
-        sampler=ui.sampler, cfg_scale=cfg, strength=strength, a_prompt=ui.a_prompt, n_prompt=ui.n_prompt,
-        glyph_font=ui.glyph_font)
-    return req, notes
+    return notes
 
 
 def check_fonts(lines: Sequence[str], styles: Sequence[LineStyle], glyph_font: str | None = None) -> None:
