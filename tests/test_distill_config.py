@@ -11,7 +11,7 @@ import pytest
 from anytext2_lcm.config import ConfigError
 from anytext2_lcm.distill.config import TrainConfig, config_from_dict, load_config
 
-from distill_helpers import REPO, base_config, write_yaml
+from distill_helpers import REPO, base_config, make_config, write_yaml
 
 # (override(s), field named in the message)
 INVALID = [
@@ -134,3 +134,35 @@ def test_cli_rejects_before_building(data_json, tmp_path, monkeypatch, capsys):
     assert "train-teacher" in capsys.readouterr().err
     assert main(["distill", "--config", str(f), "--dry-run", "train.max_steps=7"]) == 0
     assert "max_steps: 7" in capsys.readouterr().out
+
+
+def test_lr_schedule_steps_span_the_schedule(tmp_path):
+    """A run that stops at 40 steps of a 100-step cosine schedule follows the longer schedule (hand math:
+    lr_k = lr · ½(1 + cos(π (k − w) / (S − w))) after w warm-up steps); without it the schedule ends at max_steps."""
+    import math
+
+    import torch
+
+    from anytext2_lcm.distill.trainer import lr_schedule
+
+    (tmp_path / "d.json").write_text('{"data_list": []}')
+
+    def lrs(*overrides):
+        cfg = make_config(tmp_path / "d.json", tmp_path / "out", "optim.lr_scheduler=cosine",
+                          "optim.learning_rate=0.1", "optim.lr_warmup_steps=10", "train.max_steps=40", *overrides)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = lr_schedule(opt, cfg)
+        out = []
+        for _ in range(40):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    long = lrs("optim.lr_schedule_steps=100")
+    assert long[5] == pytest.approx(0.1 * 5 / 10)
+    assert long[30] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 20 / 90)))
+    short = lrs()
+    assert short[30] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 20 / 30)))
+    with pytest.raises(Exception, match="lr_schedule_steps"):
+        make_config(tmp_path / "d.json", tmp_path / "out", "optim.lr_schedule_steps=0")

@@ -336,6 +336,9 @@ class OptimSection:
     cosine_with_restarts, polynomial."""
     lr_warmup_steps: int = 0
     """Linear warm-up steps."""
+    lr_schedule_steps: int | None = None
+    """Optimizer steps the learning-rate schedule spans (null: ``train.max_steps``). Longer than ``max_steps``, a
+    run stops part-way through its schedule: the same weights as a longer run's checkpoint at that step."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this (null: no clipping; the norm is still measured and logged)."""
 
@@ -351,6 +354,8 @@ class OptimSection:
             _check(_is_num(v) and 0 <= v < 1, f"optim.{name}", v, "must lie in [0, 1)")
         _check(_is_num(self.adam_epsilon) and self.adam_epsilon > 0, "optim.adam_epsilon", self.adam_epsilon,
                "must be > 0")
+        _check(self.lr_schedule_steps is None or (_is_int(self.lr_schedule_steps) and self.lr_schedule_steps >= 1),
+               "optim.lr_schedule_steps", self.lr_schedule_steps, "must be a whole number >= 1, or null")
         _check(_is_num(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", self.weight_decay,
                "must be >= 0")
         _check(self.lr_scheduler in LR_SCHEDULERS, "optim.lr_scheduler", self.lr_scheduler,

@@ -67,6 +67,14 @@ METHODS: dict[str, type[Method]] = {"lcm": LCMMethod, "pcm": PCMMethod, "teacher
 EXIT_PREEMPTED = 143
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    """diffusers' learning-rate scheduler ``optim.lr_scheduler`` with ``optim.lr_warmup_steps``, spanning
+    ``optim.lr_schedule_steps`` (default ``train.max_steps``) optimizer steps."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps,
+                         num_training_steps=cfg.optim.lr_schedule_steps or cfg.train.max_steps)
+
 class NonFiniteTrainingError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
@@ -240,10 +248,7 @@ class Trainer:
         self.params = params
         self.loader = build_loader(cfg, self.rank, self.world)
         optimizer = make_optimizer(params, cfg.optim)
-        from diffusers.optimization import get_scheduler
-
-        self.scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps,
-                                       num_training_steps=cfg.train.max_steps)
+        self.scheduler = lr_schedule(optimizer, cfg)
         self.net, self.optimizer = acc.prepare(self.method.network(model), optimizer)
         if self.resume_from is not None:
             self._load(self.resume_from)
