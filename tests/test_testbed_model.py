@@ -1,0 +1,59 @@
+"""The shipped testbed teacher writes text that the offline PP-OCR recogniser reads.
+
+Held-out English and Chinese words (``data.words``: lists the training lines never contain), drawn here from a seed of this test,
+each generated exactly as ``anytext2-lcm generate --model testbed --prompt 'a sign that says "WORD"' --boxes b.json``
+does it (the default model and its defaults: 128 px, 20-step DDIM + CFG 7.5), in the box the README documents, and
+read back through the same OCR path as ``evaluate``. Thresholds sit well below the held-out figures the README
+reports for this teacher, so that the test guards against a broken model or pipeline, not against one unlucky word.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from anytext2_lcm.data.glyphs import polygon_mask
+from anytext2_lcm.data.words import heldout_string, is_heldout
+from anytext2_lcm.evaluate.metrics import normalized_edit_distance
+
+BOX = (12, 40, 116, 84)  # the README's first-image box on the 128 px canvas
+N_WORDS = 8
+
+
+@pytest.fixture(scope="module")
+def generator():
+    import torch
+
+    from anytext2_lcm.cli import build_parser
+    from anytext2_lcm.factory import build_model
+    from anytext2_lcm.generation import Generator
+
+    torch.set_num_threads(1)
+    default = build_parser().parse_args(["generate", "--prompt", "x", "--out", "x.png"]).model
+    assert default == "testbed"  # the model a new user's first image comes from
+    model = build_model(default).eval()
+    assert model.cfg.image_size == 128
+    return Generator(model)
+
+
+@pytest.mark.parametrize("chinese, exact_min, ned_min", [(False, 5, 0.85), (True, 4, 0.7)], ids=["latin", "chinese"])
+def test_testbed_teacher_writes_heldout_words(generator, chinese, exact_min, ned_min):
+    from anytext2_lcm.evaluate.ocr import read_lines
+    from anytext2_lcm.generation import GenerationRequest
+
+    rng = np.random.default_rng(20261206)
+    words = [heldout_string(rng, chinese=chinese) for _ in range(N_WORDS)]
+    assert all(is_heldout(w) for w in words)
+    x0, y0, x1, y1 = BOX
+    poly = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+    reads = []
+    for i, word in enumerate(words):
+        res = generator(GenerationRequest(prompt=f'a sign that says "{word}"', positions=[poly], seed=i))
+        h, w = res.images[0].shape[:2]
+        assert (h, w) == (128, 128)
+        reads.append(read_lines(res.images[0], [polygon_mask(poly, h, w)])[0])
+    exact = sum(r == w for r, w in zip(reads, words))
+    ned = normalized_edit_distance(reads, words)
+    print(f"testbed teacher, {N_WORDS} held-out {'Chinese' if chinese else 'Latin'} words: {exact} read exactly, mean NED {ned:.3f}",
+          list(zip(words, reads)))
+    assert exact >= exact_min and ned >= ned_min, list(zip(words, reads))
