@@ -1,6 +1,6 @@
 """How small a line can the testbed write? Held-out words at several font sizes, read by the offline OCR.
 
-    python benchmarks/testbed_line_size.py [--model testbed] [--num 24] [--sizes 0.06,0.08,0.1,0.12,0.14,0.18]
+    python benchmarks/testbed_line_size.py [--model testbed] [--num 24] [--sizes 0.08,0.1,0.12,0.14,0.18,0.22]
 
 For each font size (a fraction of the 128 px side) the testbed's held-out data recipe (``configs/testbed.yaml``:
 words never in training, plain/gradient/paper backgrounds) is drawn with that size only, and the teacher generates
@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="testbed")
     p.add_argument("--config", default=str(REPO / "configs" / "testbed.yaml"), help="the data recipe")
     p.add_argument("--num", type=int, default=24, help="samples per size")
-    p.add_argument("--sizes", default="0.06,0.08,0.1,0.12,0.14,0.18", help="font sizes, fraction of the side")
+    p.add_argument("--sizes", default="0.08,0.1,0.12,0.14,0.18,0.22", help="font sizes, fraction of the side")
     p.add_argument("--seed", type=int, default=5000)
     p.add_argument("--out", default="outputs/line_size")
     args = p.parse_args(argv)
