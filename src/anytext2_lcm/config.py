@@ -471,7 +471,7 @@ def tiny() -> ModelConfig:
 def testbed() -> ModelConfig:
     """A CPU-scale AnyText2 that learns to write legible text: 128 px images, a VAE that downsamples by 4 (32 x 32
     latents), a 3-level UNet/WriteNet of width 64, a 2-layer CLIP of width 32 and small PP-OCR recognisers with the
-    full 6,625-class dictionary. 11.6 M parameters; the trained weights ship inside the package in fp16
+    full 6,625-class dictionary. 11.5 M parameters; the trained weights ship inside the package in fp16
     (``anytext2-lcm generate --model testbed``) and ``configs/testbed.yaml`` retrains them from nothing."""
     trunk = dict(model_channels=64, channel_mult=(1, 1, 2), num_res_blocks=1, attention_resolutions=(2, 4),
                  num_heads=4, transformer_depth=1, context_dim=32)
