@@ -184,7 +184,7 @@ def test_killed_two_process_run_over_shards_resumes_on_one_process_without_repea
         assert abs(a[step] - b[step]) <= 1e-4 * max(1.0, abs(a[step])), (step, a, b)  # as in test_ddp
     # The data position after every step equals the uninterrupted run's: one new sample per stream and step.
     # A checkpoint folder that the killed run left at the moment of the kill can read back without cursors (seen once
-    # in 3 fresh-clone runs, at step 3); the steps that record cursors must match, the final one always.
+    # in a fresh-clone run, at step 3); the steps that record cursors must match, the final one always.
     ca, cb = stream_cursors(ref_out), stream_cursors(out)
     recorded = [s for s in range(1, STEPS + 1) if cb.get(s)]
     assert STEPS in recorded and all(ca[s] == cb[s] for s in recorded), (ca, cb)
