@@ -75,6 +75,7 @@ def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     return get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps,
                          num_training_steps=cfg.optim.lr_schedule_steps or cfg.train.max_steps)
 
+
 class NonFiniteTrainingError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
