@@ -183,8 +183,8 @@ def test_killed_two_process_run_over_shards_resumes_on_one_process_without_repea
     for step in range(1, STEPS + 1):  # steps 1-2 by 2 processes, 3-4 by 1 process: all equal the 1-process run
         assert abs(a[step] - b[step]) <= 1e-4 * max(1.0, abs(a[step])), (step, a, b)  # as in test_ddp
     # The data position after every step equals the uninterrupted run's: one new sample per stream and step.
-    # A checkpoint folder that the killed run left at the moment of the kill can read back without cursors (seen once
-    # in a fresh-clone run, at step 3); the steps that record cursors must match, the final one always.
+    # Once, in a fresh-clone run, step 3 read back without cursors (cause not found: most likely a folder the kill
+    # interrupted); every step that records cursors must match, and the final one always must.
     ca, cb = stream_cursors(ref_out), stream_cursors(out)
     recorded = [s for s in range(1, STEPS + 1) if cb.get(s)]
     assert STEPS in recorded and all(ca[s] == cb[s] for s in recorded), (ca, cb)
