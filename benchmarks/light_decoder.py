@@ -50,12 +50,29 @@ def make_data(recipe: Path, cache: Path, train_num: int, heldout_num: int) -> di
     for name, num in (("train", train_num), ("heldout", heldout_num)):
         fields = {k: v for k, v in sets[name].items() if k in SynthConfig.__dataclass_fields__}
         fields.update(num=num)
-        folder = cache / f"{name}_{num}"
+        folder = cache / f"{name}_{num}-{_digest(fields)}"  # a changed recipe makes new data
         done = folder / "anyword_synth.json"
         if not done.is_file():
             write_dataset(SynthConfig(**fields), folder)
         out[name] = done
     return out
+
+
+def _digest(obj) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def model_tag(spec: str) -> str:
+    """A short fingerprint of a model's weights (its converted folder's manifest, which lists every file's sha256),
+    so that cached decoders and generated latents follow the weights, not the name."""
+    from anytext2_lcm.factory import resolve_path
+
+    path = resolve_path(spec)
+    manifest = path / "manifest.json" if path is not None and path.is_dir() else None
+    return _digest(manifest.read_text() if manifest is not None and manifest.is_file() else spec)
 
 
 def train_decoder(model_spec: str, data: Path, size: int, args, folder: Path) -> Path:
@@ -69,7 +86,10 @@ def train_decoder(model_spec: str, data: Path, size: int, args, folder: Path) ->
     cfg = load_config(None, base={
         "method": "decoder", "output_dir": str(folder), "model": {"teacher": model_spec},
         "data": {"json_paths": [str(data)], "image_size": size, "max_lines": 2, "mask_img_prob": 0.0},
-        "decoder_training": {"channels": args.channels, "crop": args.crop, "text_loss_weight": 4.0},
+        "decoder_training": {"channels": args.channels, "crop": args.crop, "text_loss_weight": 4.0,
+                             "generated": args.generated, "generated_by": args.generated_by,
+                             "generated_lora": args.lora if any(r != "teacher" for r in args.generated_by) else None,
+                             "generated_fraction": args.generated_fraction},
         "optim": {"learning_rate": 1e-3, "lr_scheduler": "cosine", "lr_warmup_steps": min(100, args.train_steps)},
         "train": {"max_steps": args.train_steps, "batch_size": 8, "num_workers": 1},
         "checkpoint": {"every_n_steps": 500, "keep_last": 1, "resume": "latest"},
@@ -209,10 +229,19 @@ def _parse(argv):
                          "multiply-accumulates at 128 px; 24 channels cost 0.61 G, 64 would cost 4.3 G)")
     ap.add_argument("--crop", type=int, default=64, help="training crop side (0: whole images)")
     ap.add_argument("--steps", default="1,2,4", help="student step counts")
+    ap.add_argument("--generated", type=int, default=0,
+                    help="latents the model samples itself from training prompts for the light decoder's training "
+                         "(decoder_training.generated; 0: encoded images only)")
+    ap.add_argument("--generated-by", default="teacher,student@1,student@2,student@4",
+                    help="who samples them, cycled (teacher, student@K: the --lora student)")
+    ap.add_argument("--generated-fraction", type=float, default=0.5, help="share of each batch taken from them")
     ap.add_argument("--reconstruction-only", action="store_true", help="no generation (a VAE-only model)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     args.steps = tuple(int(s) for s in args.steps.split(","))
+    args.generated_by = [r for r in args.generated_by.split(",") if r]
+    if not args.lora:
+        args.generated_by = [r for r in args.generated_by if r == "teacher"] or ["teacher"]
     return args
 
 
@@ -250,9 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         data = make_data(Path(args.recipe), cache / "data", args.train_num, args.num)
         data["heldout"] = Path(args.heldout) if args.heldout else data["heldout"]
     args.heldout = data["heldout"]
+    gen = (f"_g{args.generated}-{'+'.join(args.generated_by).replace('@', '')}-{args.generated_fraction:g}-"
+           f"{model_tag(args.model)}-{_digest(str(Path(args.lora).resolve())) if args.lora else 'teacher'}"
+           if args.generated else "")
     decoder = Path(args.decoder) if args.decoder else train_decoder(
         args.model, data["train"], size, args,
-        cache / f"decoder_{Path(args.model).name}_c{args.channels}_{args.crop}_{args.train_steps}")
+        cache / f"decoder_{Path(args.model).name}_c{args.channels}_{args.crop}_{args.train_steps}{gen}")
     models = _models(args.model, args.lora)
     tiny = {dt: load_light_decoder(decoder, m.cfg).to(dtype=next(m.unet.parameters()).dtype).eval()
             for dt, m in models.items()}

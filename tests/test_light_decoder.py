@@ -167,3 +167,126 @@ def test_the_sd15_recipe_parses():
 
     cfg = load_config(REPO / "configs" / "decoder_sd15.yaml", check_files=False, method="decoder")
     assert cfg.method == "decoder" and cfg.model.preset == "sd15" and cfg.decoder_training.crop == 256
+
+
+# ---- generated latents (decoder_training.generated) --------------------------------------------------------------
+
+
+def test_latent_crops_keep_each_latent_and_its_mask_aligned():
+    from anytext2_lcm.distill.decoder import latent_crops
+
+    f = 4
+    # latent pixel (y, x) holds 100·y + x in every channel; the mask is 1 where the latent value is odd, upsampled
+    ys, xs = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    code = (100 * ys + xs).float()
+    z = code.expand(3, 2, 8, 8).clone()
+    odd = (code.long() % 2).float()
+    mask = odd.repeat_interleave(f, 0).repeat_interleave(f, 1).expand(3, 1, 32, 32).clone()
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1, 2)]
+    zc, mc = latent_crops(z, mask, gens, 5, f)
+    assert zc.shape == (3, 2, 5, 5) and mc.shape == (3, 1, 20, 20)
+    for i in range(3):
+        c = zc[i, 0]
+        # a contiguous window of the code grid (rows step by 100, columns by ±1 with a flip)
+        assert torch.all(torch.diff(c, dim=0) == 100) and torch.all(torch.diff(c, dim=1).abs() == 1)
+        # its mask is the nearest upsampling of the window's own odd/even pattern
+        want = (c.long() % 2).float().repeat_interleave(f, 0).repeat_interleave(f, 1)
+        torch.testing.assert_close(mc[i, 0], want)
+    # whole latents (side >= the latent side): flips only
+    zw, mw = latent_crops(z, mask, [torch.Generator().manual_seed(0)] * 3, 8, f)
+    assert zw.shape == z.shape and mw.shape == mask.shape
+
+
+def _student_adapter(path: Path) -> Path:
+    from anytext2_lcm import lora as L
+    from anytext2_lcm.defaults import student_sampling
+    from anytext2_lcm.factory import build_model
+
+    m = build_model("tiny")  # only the adapter's shapes matter: it is loaded into the run's own model
+    L.apply_lora(m, L.LoraSpec(rank=2, alpha=2))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    meta = {"method": "lcm", "sampling": json.dumps(student_sampling("lcm", original_steps=20).to_dict())}
+    return L.save_lora(m, path, metadata=meta)
+
+
+def test_train_decoder_on_generated_latents(data, tmp_path):
+    """generated: 3 latents sampled by the teacher and the student in turn (row i, seed + i), kept in a file that a
+    second run reuses; with generated_fraction 1 every training latent is a crop of one of them, and its target is
+    the full decoder's image of that crop."""
+    from anytext2_lcm import lora as L
+    from anytext2_lcm.distill.components import build_teacher
+    from anytext2_lcm.distill.config import load_config
+    from anytext2_lcm.distill.decoder import DecoderMethod
+    from anytext2_lcm.distill.data import build_loader
+    from anytext2_lcm.evaluate.runner import EvalConfig, load_eval_samples, text_prompt_for
+    from anytext2_lcm.generation import GenerationRequest, Generator
+
+    adapter = _student_adapter(tmp_path / "student")
+    d = decoder_config(data, tmp_path / "run")
+    d["decoder_training"].update(generated=3, generated_by=["teacher", "student@2"], generated_lora=str(adapter),
+                                 generated_fraction=1.0)
+    cfg = load_config(None, base=d)
+    model = build_teacher(cfg.model)
+    method = DecoderMethod(cfg)
+    method.configure_model(model)
+    loader = build_loader(cfg)
+    loader.set_epoch(0)
+    tb = method.prepare(model, next(iter(loader)), cfg.train.seed, 0, "cpu")
+    bank_file = tmp_path / "run" / "generated_latents.safetensors"
+    bank = load_file(str(bank_file))
+    assert bank["latents"].shape == (3, 4, 8, 8) and bank["mask"].shape == (3, 1, 64, 64)
+    assert not L.lora_layers(model)  # the student adapter was removed after sampling
+
+    # by hand: row i of the data, seed + i, the teacher (DDIM 20 + CFG) for i = 0, 2 and the student (2 steps) for 1
+    samples, _ = load_eval_samples(EvalConfig(data=tuple(cfg.data.json_paths), size=64, reference=False))
+    ref = build_teacher(cfg.model).eval()
+    L.load_lora(ref, adapter)
+
+    def request(i, **kw):
+        s = samples[i]
+        return GenerationRequest(prompt=s.caption, text_prompt=text_prompt_for(s.lines),
+                                 positions=[ln.polygon for ln in s.lines], colors=[ln.color for ln in s.lines],
+                                 height=64, width=64, seed=cfg.train.seed + i, **kw)
+
+    with L.disable_adapters(ref):
+        teacher0 = Generator(ref)(request(0)).latents
+    student1 = Generator(ref)(request(1, steps=2, sampler="lcm", cfg_scale=1.0)).latents
+    torch.testing.assert_close(bank["latents"][0], teacher0[0].float())
+    torch.testing.assert_close(bank["latents"][1], student1[0].float())
+    assert bank["mask"][0].sum() > 0
+
+    # every training latent is a window of a bank latent (a 32 px crop: 32 / latent factor on a side), maybe flipped
+    side = 32 // model.cfg.latent_factor
+    assert tb.latents.shape[-1] == side
+    for i in range(tb.batch_size):
+        windows = [bank["latents"][j][:, y:y + side, x:x + side].flip(-1) if flip else
+                   bank["latents"][j][:, y:y + side, x:x + side]
+                   for j in range(3) for y in range(8 - side + 1) for x in range(8 - side + 1) for flip in (0, 1)]
+        assert any(torch.equal(tb.latents[i], w) for w in windows)
+        with torch.no_grad():
+            torch.testing.assert_close(tb.target[i], model.vae.decode(tb.latents[i:i + 1] / model.scale_factor)[0])
+
+    # a second run with the same settings reads the file instead of sampling
+    stamp = bank_file.stat().st_mtime_ns
+    method2 = DecoderMethod(cfg)
+    method2.configure_model(model)
+    assert torch.equal(method2.bank(model, "cpu")["latents"], bank["latents"])
+    assert bank_file.stat().st_mtime_ns == stamp
+
+
+def test_generated_latent_settings_are_checked(data, tmp_path):
+    with pytest.raises(ConfigError, match=r"^decoder_training.generated_by=\['student@2'\]: the student entries "
+                                          r"need decoder_training.generated_lora"):
+        make_config(data, tmp_path, "method=decoder", "decoder_training.generated=4",
+                    "decoder_training.generated_by=[student@2]")
+    with pytest.raises(ConfigError, match=r"^decoder_training.generated_by=\['student@0'\]"):
+        make_config(data, tmp_path, "method=decoder", "decoder_training.generated_by=[student@0]")
+    with pytest.raises(ConfigError, match=r"^decoder_training.generated_fraction=1.5"):
+        make_config(data, tmp_path, "method=decoder", "decoder_training.generated_fraction=1.5")
+    with pytest.raises(ConfigError, match=r"^decoder_training.generated_lora=.*adapter not found"):
+        make_config(data, tmp_path, "method=decoder", "decoder_training.generated=4",
+                    "decoder_training.generated_by=[student@2]", f"decoder_training.generated_lora={tmp_path}/no")

@@ -287,6 +287,15 @@ class AutoencoderSection:
                "vae_training.calibration_samples", self.calibration_samples, "must be an integer >= 1")
 
 
+def _generated_run(run: str) -> int | None:
+    """The step count of a ``decoder_training.generated_by`` entry: 0 for "teacher", K for "student@K" (K >= 1),
+    None when it is neither."""
+    if run == "teacher":
+        return 0
+    head, _, k = run.partition("@")
+    return int(k) if head == "student" and k.isdigit() and int(k) >= 1 else None
+
+
 @dataclass(kw_only=True)
 class DecoderTrainingSection:
     """The light-decoder objective (``method: decoder``, ``anytext2-lcm train-decoder``): the model's own VAE decoder
@@ -303,10 +312,33 @@ class DecoderTrainingSection:
     """Images of the data whose light and full decodes are compared (PSNR) in ``OUTPUT/light_decoder.json``."""
     cost_repeats: int = 3
     """Timed decodes per decoder (interleaved, median) for the cost in ``OUTPUT/light_decoder.json``."""
+    generated: int = 0
+    """Latents the model samples itself before training (0: none), from the prompts and line positions of the first
+    rows of the data: a decoder trained on encoded images alone meets latents it never saw when it decodes what a
+    sampler returns. Kept in ``OUTPUT/generated_latents*.safetensors``, reused on resume."""
+    generated_by: list = field(default_factory=lambda: ["teacher"])
+    """Who samples the generated latents, cycled over them: "teacher" (20-step DDIM + CFG, adapter off) or
+    "student@K" (the ``generated_lora`` student at K steps, with the sampling its adapter records)."""
+    generated_lora: str | None = None
+    """The student adapter of the "student@K" entries (a file or folder ``generate --lora`` reads)."""
+    generated_fraction: float = 0.5
+    """Share of the samples of each batch whose latent is a crop of a generated latent instead of an encoded image
+    (the target is always the full decoder's image of the latent the light decoder sees)."""
 
     def __post_init__(self) -> None:
         _check(_is_int(self.channels) and self.channels >= 8, "decoder_training.channels", self.channels,
                "must be an integer >= 8")
+        _check(_is_int(self.generated) and self.generated >= 0, "decoder_training.generated", self.generated,
+               "must be an integer >= 0")
+        _check(_is_num(self.generated_fraction) and 0 <= self.generated_fraction <= 1,
+               "decoder_training.generated_fraction", self.generated_fraction, "must lie in [0, 1]")
+        _check(isinstance(self.generated_by, list) and bool(self.generated_by)
+               and all(isinstance(r, str) and _generated_run(r) is not None for r in self.generated_by),
+               "decoder_training.generated_by", self.generated_by,
+               'must be a non-empty list of "teacher" and "student@K" (K >= 1)')
+        if any(r != "teacher" for r in self.generated_by) and self.generated and not self.generated_lora:
+            raise ConfigError(f"decoder_training.generated_by={self.generated_by!r}: the student entries need "
+                              f"decoder_training.generated_lora (the adapter that samples them)")
         _check(_is_int(self.crop) and self.crop >= 0, "decoder_training.crop", self.crop, "must be an integer >= 0")
         _check(_is_num(self.text_loss_weight) and self.text_loss_weight >= 0, "decoder_training.text_loss_weight",
                self.text_loss_weight, "must be >= 0")
@@ -719,6 +751,9 @@ def check_paths(cfg: TrainConfig) -> None:
     if cfg.data.shards:
         _check((Path(cfg.data.shards) / "shards.json").is_file(), "data.shards", cfg.data.shards,
                "no shards.json in that folder (write shards with `anytext2-lcm make-shards`)")
+    if cfg.method == DECODER_METHOD and cfg.decoder_training.generated_lora and cfg.decoder_training.generated:
+        _check(Path(cfg.decoder_training.generated_lora).exists(), "decoder_training.generated_lora",
+               cfg.decoder_training.generated_lora, "adapter not found")
     if cfg.checkpoint.init_adapter:
         _check(Path(cfg.checkpoint.init_adapter).exists(), "checkpoint.init_adapter", cfg.checkpoint.init_adapter,
                "adapter not found")

@@ -12,6 +12,14 @@ flipped left-right half the time, every draw from the sample's own generator):
 
 The student learns to reproduce the full decoder, so its images are the full decoder's images, only cheaper; its
 text cost is measured by ``benchmarks/light_decoder.py`` (OCR of the same student latents through both decoders).
+
+Encoded images are not what the decoder meets at inference: a sampler's x0 (above all a few-step student's) is
+smoother and off the encoder's manifold, and a decoder trained on encoder latents alone loses more text there than on
+reconstructions. With ``decoder_training.generated`` = N the run first samples N latents with the model itself
+(:func:`sample_latent_bank`: the data's first prompts and line positions, by the teacher and/or a student adapter,
+``generated_by``), and then a ``generated_fraction`` share of every batch is a random crop of one of them (same
+grid, same flip) in place of the encoded image; the target stays the full decoder's image of exactly the latent the
+light decoder reads, and the text weight comes from the sample's line positions.
 Only the light decoder trains; it is attached to the model as ``light_decoder`` so that the trainer's checkpoints,
 resume and DDP handle it like any trainable part. At the end (:meth:`DecoderMethod.save_results`) the run writes
 ``OUTPUT/light_decoder.safetensors`` (what ``--tiny-decoder`` loads) and ``OUTPUT/light_decoder.json``: parameters,
@@ -21,6 +29,7 @@ decoder's images to the full decoder's on the first ``decoder_training.report_sa
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,11 +88,33 @@ def decoder_targets(model: nn.Module, images: torch.Tensor, gens: list[torch.Gen
         return model.scale_factor * z, model.vae.decode(z).float()
 
 
+def latent_crops(z: torch.Tensor, mask: torch.Tensor, gens: list[torch.Generator], side: int, factor: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random ``side``-sided square of each latent (B, C, h, w) and the matching ``factor``·``side`` square of its
+    pixel mask (B, 1, factor·h, factor·w), flipped left-right together with probability 1/2; sample i draws from
+    ``gens[i]``. ``side`` ≥ the latent side: whole latents, flips only."""
+    h, w = z.shape[-2:]
+    zs, ms = [], []
+    for i, g in enumerate(gens):
+        zi, mi = z[i], mask[i]
+        if side < min(h, w):
+            oy = int(torch.randint(0, h - side + 1, (1,), generator=g))
+            ox = int(torch.randint(0, w - side + 1, (1,), generator=g))
+            zi = zi[:, oy:oy + side, ox:ox + side]
+            mi = mi[:, oy * factor:(oy + side) * factor, ox * factor:(ox + side) * factor]
+        if float(torch.rand((), generator=g)) < 0.5:
+            zi, mi = zi.flip(-1), mi.flip(-1)
+        zs.append(zi)
+        ms.append(mi)
+    return torch.stack(zs), torch.stack(ms)
+
+
 class DecoderMethod(Method):
     """Distil the model's VAE decoder into a light decoder (everything of the model frozen); see the module
     docstring."""
 
     name = "decoder"
+    _bank: dict | None = None
 
     def config(self, model: nn.Module) -> dict:
         return light_decoder_config(model.cfg, self.cfg.decoder_training.channels)
@@ -106,8 +137,33 @@ class DecoderMethod(Method):
         images, hint = random_crops(batch["img"].float(), batch["hint"].float(), gens, d.crop,
                                     model.cfg.latent_factor)
         latents, target = decoder_targets(model, images.to(device), gens)
-        weight = 1.0 + d.text_loss_weight * hint.to(device) if d.text_loss_weight else None
+        hint = hint.to(device)
+        if d.generated and d.generated_fraction > 0:
+            bank = self.bank(model, device)
+            swap = [i for i, g in enumerate(gens) if float(torch.rand((), generator=g)) < d.generated_fraction]
+            if swap:
+                picks = [int(torch.randint(0, len(bank["latents"]), (1,), generator=gens[i])) for i in swap]
+                z, m = latent_crops(bank["latents"][picks], bank["mask"][picks].float(), [gens[i] for i in swap],
+                                    images.shape[-1] // model.cfg.latent_factor, model.cfg.latent_factor)
+                with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, enabled=False):
+                    z = z.to(device).float()
+                    dec = model.vae.decode(z / model.scale_factor).float()
+                latents, target, hint = latents.clone(), target.clone(), hint.clone()
+                latents[swap], target[swap], hint[swap] = z, dec, m.to(hint)
+        weight = 1.0 + d.text_loss_weight * hint if d.text_loss_weight else None
         return DecoderBatch(latents, target, weight)
+
+    def bank(self, model: nn.Module, device) -> dict[str, torch.Tensor]:
+        """This process's generated latents (``decoder_training.generated``), sampled on first use and kept in
+        ``OUTPUT/generated_latents[-rankR-of-W].safetensors`` (process r samples rows r, r + W, ...); a file that
+        does not match the settings is sampled anew."""
+        if self._bank is None:
+            import torch.distributed as dist
+
+            rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+            name = "generated_latents" + (f"-rank{rank}-of-{world}" if world > 1 else "") + ".safetensors"
+            self._bank = latent_bank(model, self.cfg, Path(self.cfg.output_dir) / name, rank, world, device)
+        return self._bank
 
     def step(self, net: nn.Module, model: nn.Module, tb: DecoderBatch) -> StepOutput:
         recon = net(tb.latents)
@@ -169,4 +225,123 @@ class DecoderMethod(Method):
         return [path, rpath]
 
 
-__all__ = ["DecoderBatch", "DecoderMethod", "LightDecoderNet", "decoder_targets"]
+# ---- generated latents ------------------------------------------------------------------------------------------
+
+BANK_FORMAT = "anytext2-lcm generated latents"
+
+
+def _bank_settings(cfg, rank: int, world: int) -> dict:
+    d = cfg.decoder_training
+    return {"format": BANK_FORMAT, "generated": d.generated, "generated_by": list(d.generated_by),
+            "generated_lora": d.generated_lora, "data": list(cfg.data.json_paths), "image_size": cfg.data.image_size,
+            "model": cfg.model.teacher or cfg.model.preset, "seed": cfg.train.seed, "rank": rank, "world": world}
+
+
+def latent_bank(model: nn.Module, cfg, path: Path, rank: int, world: int, device) -> dict[str, torch.Tensor]:
+    """The generated latents of process ``rank`` of ``world``: read from ``path`` when it was written under the same
+    settings, else sampled (:func:`sample_latent_bank`) and written atomically. Returns {"latents": (N, C, h, w)
+    scaled float32, "mask": (N, 1, H, W) uint8 line positions}, on the CPU."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ..atomic import atomic_path
+
+    settings = _bank_settings(cfg, rank, world)
+    if path.is_file():
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("settings", "null"))
+            if meta == settings:
+                bank = load_file(str(path))
+                log.info("generated latents: %d read from %s", len(bank["latents"]), path)
+                return bank
+            log.info("generated latents: %s was sampled under other settings; sampling anew", path)
+        except Exception as e:  # noqa: BLE001 — a damaged cache is sampled anew, never trusted
+            log.warning("generated latents: %s unreadable (%s); sampling anew", path, e)
+    d = cfg.decoder_training
+    share = list(range(rank, d.generated, world))
+    bank = sample_latent_bank(model, list(cfg.data.json_paths), share, d.generated_by, d.generated_lora,
+                              cfg.data.image_size, cfg.train.seed, device)
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(bank, str(tmp), metadata={"settings": json.dumps(settings)})
+    return bank
+
+
+@torch.no_grad()
+def sample_latent_bank(model: nn.Module, json_paths: list[str], rows: list[int], generated_by: list[str],
+                       lora: str | None, size: int, seed: int, device) -> dict[str, torch.Tensor]:
+    """Sample one latent per data row of ``rows`` (indices into the usable rows of ``json_paths``, wrapping around):
+    row i's caption, lines and positions, sampled by ``generated_by[i % len]`` ("teacher": 20-step DDIM + CFG with
+    the adapter off; "student@K": the adapter ``lora`` at K steps with its recorded sampling), seed ``seed + i``.
+
+    The model is sampled as it is (frozen, eval); a student adapter is loaded into it for the sampling and removed
+    after. Returns {"latents": (N, C, size/f, size/f) the sampler's final (scaled) latents, float32; "mask": (N, 1,
+    size, size) uint8, 1 inside the rows' line polygons}.
+    """
+    import contextlib
+    import time
+
+    import cv2
+    import numpy as np
+
+    from .. import lora as L
+    from ..defaults import TEACHER, Sampling
+    from ..evaluate.runner import EvalConfig, load_eval_samples, text_prompt_for
+    from ..generation import GenerationRequest, Generator
+    from .config import _generated_run
+
+    samples, _ = load_eval_samples(EvalConfig(data=tuple(json_paths), size=size, reference=False))
+    if not samples:
+        raise ValueError(f"data.json_paths {json_paths}: no usable rows to sample latents from")
+    student = None
+    if lora and any(r != "teacher" for r in generated_by):
+        info = L.adapter_info(lora).get("sampling")
+        student = Sampling.from_dict(info) if info else Sampling("lcm", 4, 1.0)
+    was_training = model.training
+    model.eval()
+    added = "generated_latents"
+    if student is not None:
+        if L.lora_layers(model):
+            raise ValueError("sample_latent_bank: the model already carries LoRA layers; give it a plain model")
+        L.load_lora(model, lora, adapter_name=added)
+        model.to(device)
+    gen = Generator(model)
+    latents, masks = [], []
+    t0 = time.perf_counter()
+    try:
+        for n, i in enumerate(rows):
+            s = samples[i % len(samples)]
+            run = generated_by[i % len(generated_by)]
+            k = _generated_run(run)
+            sm = TEACHER if k == 0 else Sampling(student.sampler, k, student.cfg, dict(student.options))
+            req = GenerationRequest(
+                prompt=s.caption, text_prompt=text_prompt_for(s.lines), positions=[ln.polygon for ln in s.lines],
+                colors=[ln.color for ln in s.lines], height=size, width=size, seed=seed + i, steps=sm.steps,
+                sampler=sm.sampler, sampler_options=dict(sm.options) if sm.sampler != "ddim" else {},
+                cfg_scale=sm.cfg)
+            if student is None:
+                ctx = contextlib.nullcontext()
+            else:
+                ctx = L.disable_adapters(model) if k == 0 else L.use_adapter(model, added)
+            with ctx:
+                res = gen(req)
+            latents.append(res.latents[:1].float().cpu())
+            m = np.zeros((size, size), np.uint8)
+            for ln in s.lines:
+                cv2.fillPoly(m, [np.rint(np.asarray(ln.polygon, np.float32)).astype(np.int32)], 1)
+            masks.append(torch.from_numpy(m)[None, None])
+            if (n + 1) % 50 == 0 or n + 1 == len(rows):
+                log.info("generated latents: %d/%d sampled (%.1f s/latent)", n + 1, len(rows),
+                         (time.perf_counter() - t0) / (n + 1))
+    finally:
+        if student is not None:
+            L.unload_lora(model, merge=False)
+        model.train(was_training)
+    return {"latents": torch.cat(latents).contiguous(), "mask": torch.cat(masks).contiguous()}
+
+
+__all__ = ["DecoderBatch", "DecoderMethod", "LightDecoderNet", "decoder_targets", "latent_bank", "latent_crops",
+           "sample_latent_bank"]
