@@ -240,6 +240,11 @@ def test_train_decoder_on_generated_latents(data, tmp_path):
     bank = load_file(str(bank_file))
     assert bank["latents"].shape == (3, 4, 8, 8) and bank["mask"].shape == (3, 1, 64, 64)
     assert not L.lora_layers(model)  # the student adapter was removed after sampling
+    # and the run goes on training the light decoder: its parameters still learn, the rest stays frozen
+    assert model.light_decoder.training and all(p.requires_grad for p in model.light_decoder.parameters())
+    assert not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("light_decoder."))
+    method.step(method.network(model), model, tb).loss.backward()
+    assert all(p.grad is not None for p in model.light_decoder.parameters())
 
     # by hand: row i of the data, seed + i, the teacher (DDIM 20 + CFG) for i = 0, 2 and the student (2 steps) for 1
     samples, _ = load_eval_samples(EvalConfig(data=tuple(cfg.data.json_paths), size=64, reference=False))

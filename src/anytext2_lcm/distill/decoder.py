@@ -277,8 +277,8 @@ def sample_latent_bank(model: nn.Module, json_paths: list[str], rows: list[int],
     row i's caption, lines and positions, sampled by ``generated_by[i % len]`` ("teacher": 20-step DDIM + CFG with
     the adapter off; "student@K": the adapter ``lora`` at K steps with its recorded sampling), seed ``seed + i``.
 
-    The model is sampled as it is (frozen, eval); a student adapter is loaded into it for the sampling and removed
-    after. Returns {"latents": (N, C, size/f, size/f) the sampler's final (scaled) latents, float32; "mask": (N, 1,
+    The model is sampled in eval mode; a student adapter is loaded into it for the sampling and removed after, and
+    every module's mode and every parameter's ``requires_grad`` are restored (the light decoder keeps training). Returns {"latents": (N, C, size/f, size/f) the sampler's final (scaled) latents, float32; "mask": (N, 1,
     size, size) uint8, 1 inside the rows' line polygons}.
     """
     import contextlib
@@ -300,7 +300,8 @@ def sample_latent_bank(model: nn.Module, json_paths: list[str], rows: list[int],
     if lora and any(r != "teacher" for r in generated_by):
         info = L.adapter_info(lora).get("sampling")
         student = Sampling.from_dict(info) if info else Sampling("lcm", 4, 1.0)
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
     model.eval()
     added = "generated_latents"
     if student is not None:
@@ -339,7 +340,10 @@ def sample_latent_bank(model: nn.Module, json_paths: list[str], rows: list[int],
     finally:
         if student is not None:
             L.unload_lora(model, merge=False)
-        model.train(was_training)
+        for m, mode in modes.items():  # the run's train/eval modes and trainable parameters, as they were
+            m.training = mode
+        for p, g in grads.items():
+            p.requires_grad_(g)
     return {"latents": torch.cat(latents).contiguous(), "mask": torch.cat(masks).contiguous()}
 
 
