@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from anytext2_lcm.config import ConfigError
 from anytext2_lcm.recipes.spec import load_recipe
@@ -24,6 +25,9 @@ TINY_BUDGET = [
     "stages.teacher.config.train.num_workers=0", "stages.teacher.config.validation.every_n_steps=0",
     "stages.vae.config.optim.lr_warmup_steps=1", "stages.ocr.config.optim.lr_warmup_steps=1",
     "stages.teacher.config.optim.lr_warmup_steps=1", "gate.vae_min_sen_acc=0.0", "threads=1",
+    "datasets.train_large.num=6", "stages.teacher_large.config.train.max_steps=2",
+    "stages.teacher_large.config.train.batch_size=2", "stages.teacher_large.config.train.num_workers=0",
+    "stages.teacher_large.config.optim.lr_warmup_steps=1",
 ]
 
 
@@ -56,8 +60,8 @@ def test_testbed_recipe_end_to_end_and_cache(tmp_path):
     recipe = load_recipe(TESTBED, TINY_BUDGET)
     said: list[str] = []
     doc = build_testbed(recipe, tmp_path / "out", report=said.append)
-    assert set(doc["stages"]) == {"vae", "ocr", "teacher"}
-    for name in ("vae", "ocr", "teacher"):
+    assert set(doc["stages"]) == {"vae", "ocr", "teacher", "teacher_large"}
+    for name in ("vae", "ocr", "teacher", "teacher_large"):
         assert doc["stages"][name]["steps"] == 2
     # the gate and the teacher were measured on the held-out lines, with the dataset's own images as reference
     assert doc["reference"]["all"]["lines"] >= 2 and doc["teacher"]["all"]["lines"] == doc["reference"]["all"]["lines"]
@@ -67,7 +71,14 @@ def test_testbed_recipe_end_to_end_and_cache(tmp_path):
     from safetensors.torch import load_file
 
     unet = load_file(str(tmp_path / "out" / "model" / "unet.safetensors"))
-    assert {t.dtype for t in unet.values()} == {__import__("torch").float16}
+    assert {t.dtype for t in unet.values()} == {torch.float16}
+    # the shipped model is the last stage's (the large-glyph fine-tune), not the first teacher's
+    def stage_unet(name):
+        f = Path(doc["stages"][name]["path"]) / "model" / "unet.safetensors"
+        return {k: v.half() for k, v in load_file(str(f)).items()}
+    last, first = stage_unet("teacher_large"), stage_unet("teacher")
+    assert all(torch.equal(unet[k], last[k]) for k in unet)
+    assert any(not torch.equal(unet[k], first[k]) for k in unet)
     model = build_model(str(tmp_path / "out" / "model")).eval()
     assert model.cfg.name == "testbed" and model.cfg.image_size == 128
     img = Generator(model)(GenerationRequest(prompt='a sign that says "harbor"', positions=[[10, 40, 118, 80]],

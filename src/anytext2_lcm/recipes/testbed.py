@@ -1,15 +1,17 @@
 """``anytext2-lcm testbed``: build the CPU-scale AnyText2 that writes legible text, from nothing.
 
 The recipe (``configs/testbed.yaml``): two synthetic datasets (training lines are random strings; held-out lines are
-real words the training generator never produces, ``data.words``), then three stages of the one Trainer:
+real words the training generator never produces, ``data.words``), then the stages of the one Trainer:
 
 1. ``vae`` — the autoencoder, then latent calibration; **gate**: its reconstructions of the held-out images must
    read at Sen.ACC >= ``gate.vae_min_sen_acc`` with the offline OCR, else no model built on it can pass and the
    build stops;
 2. ``ocr`` — the glyph recogniser (CTC), so that the line embeddings and the OCR losses read text;
-3. ``teacher`` — AnyText2's objective with the UNet trainable.
+3. ``teacher`` — AnyText2's objective with the UNet trainable;
+4. any further ``method: teacher`` stages that continue from it (``configs/testbed.yaml``: ``teacher_large``, a
+   fine-tune on large glyphs).
 
-The result is measured on the held-out lines (teacher: 20-step DDIM + CFG 7.5; the dataset's own images and the
+The last stage's model is the result. It is measured on the held-out lines (teacher: 20-step DDIM + CFG 7.5; the dataset's own images and the
 VAE's reconstructions as reference rows) into ``OUT/report.md`` / ``report.json``, and written as a converted folder
 in the ``ship.dtype`` precision to ``OUT/model``; ``install`` also replaces the weights inside the package
 (``factory.shipped_weights("testbed")``).
@@ -52,6 +54,10 @@ def check_sections(recipe: Recipe) -> tuple[float, str]:
     for need in ("vae", "teacher"):
         if need not in names:
             raise ConfigError(f"stages.{need}: the testbed recipe needs this stage (has {', '.join(names)})")
+    last = recipe.stages[-1]
+    if last.config.get("method") != "teacher":
+        raise ConfigError(f"stages.{last.name}.config.method={last.config.get('method')!r}: the last stage is the "
+                          f"shipped model and must be a teacher stage")
     if "heldout" not in recipe.datasets:
         raise ConfigError("datasets.heldout: the testbed recipe needs a held-out dataset")
     return float(g), dt
@@ -109,8 +115,9 @@ def build_testbed(recipe: Recipe, out: str | Path, cache: str | Path | None = No
                         f"gate.vae_min_sen_acc {gate}: no model on this VAE can write legible text; train it longer "
                         f"(stages.vae.config.train.max_steps) or widen it")
     run = run_recipe(recipe, cache, fresh=False, report=report)
-    res = measure(run.model("teacher"), held, out / "eval", teacher=True)
-    model = build_model(str(run.model("teacher")))
+    final = recipe.stages[-1].name
+    res = measure(run.model(final), held, out / "eval", teacher=True)
+    model = build_model(str(run.model(final)))
     shipped = save_converted(model, out / "model", dtype=getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else None,
                              extra={"trained_by": f"anytext2-lcm testbed ({recipe.name})",
                                     "recipe": recipe.to_dict()})
@@ -142,7 +149,7 @@ def summary(recipe: Recipe, run: RecipeRun, vae_res: dict, res: dict, seconds: f
         "seconds_this_run": seconds,
         "reference": ocr_row(res, "reference"), "reconstruction": ocr_row(vae_res, "reconstruction"),
         "teacher": ocr_row(res, "teacher"),
-        "teacher_losses": read_losses(run.stages["teacher"].path)[-1:],
+        "teacher_losses": read_losses(run.stages[recipe.stages[-1].name].path)[-1:],
     }
 
 
