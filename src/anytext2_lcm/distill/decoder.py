@@ -259,7 +259,7 @@ def latent_bank(model: nn.Module, cfg, path: Path, rank: int, world: int, device
         except Exception as e:  # noqa: BLE001 — a damaged cache is sampled anew, never trusted
             log.warning("generated latents: %s unreadable (%s); sampling anew", path, e)
     d = cfg.decoder_training
-    share = list(range(rank, d.generated, world))
+    share = list(range(rank, d.generated, world)) or [rank % d.generated]  # more processes than latents: one each
     bank = sample_latent_bank(model, list(cfg.data.json_paths), share, d.generated_by, d.generated_lora,
                               cfg.data.image_size, cfg.train.seed, device)
     from safetensors.torch import save_file
@@ -293,7 +293,11 @@ def sample_latent_bank(model: nn.Module, json_paths: list[str], rows: list[int],
     from ..generation import GenerationRequest, Generator
     from .config import _generated_run
 
-    samples, _ = load_eval_samples(EvalConfig(data=tuple(json_paths), size=size, reference=False))
+    if not rows:
+        raise ValueError("sample_latent_bank: no rows to sample")
+    # only the rows needed are read (a full AnyWord-3M file has millions)
+    samples, _ = load_eval_samples(EvalConfig(data=tuple(json_paths), num=max(rows) + 1, size=size,
+                                              reference=False))
     if not samples:
         raise ValueError(f"data.json_paths {json_paths}: no usable rows to sample latents from")
     student = None
