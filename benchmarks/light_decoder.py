@@ -66,13 +66,12 @@ def _digest(obj) -> str:
 
 
 def model_tag(spec: str) -> str:
-    """A short fingerprint of a model's weights (its converted folder's manifest, which lists every file's sha256),
-    so that cached decoders and generated latents follow the weights, not the name."""
-    from anytext2_lcm.factory import resolve_path
+    """A short fingerprint of a model's weights, so that cached decoders and generated latents follow the weights,
+    not the name."""
+    from anytext2_lcm.distill.components import teacher_fingerprint
+    from anytext2_lcm.distill.config import ModelSection
 
-    path = resolve_path(spec)
-    manifest = path / "manifest.json" if path is not None and path.is_dir() else None
-    return _digest(manifest.read_text() if manifest is not None and manifest.is_file() else spec)
+    return _digest(teacher_fingerprint(spec, ModelSection()))
 
 
 def train_decoder(model_spec: str, data: Path, size: int, args, folder: Path) -> Path:

@@ -155,6 +155,17 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
 
 
+def perturb_lora_b(model, seed: int, std: float = 0.05):
+    """Set every lora_B to N(0, std²) from its own generator (``seed``): a "trained" student that differs from its
+    teacher (lora_B starts at zero). Returns ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
 def lora_student(cfg, method_cls, lora_b_std: float = 0.05):
     """(model, method): a tiny teacher with the LoRA of ``cfg`` set up by ``method_cls`` (LCMMethod, PCMMethod);
     lora_B randomised (seed 0) so that the student differs from the teacher."""

@@ -21,7 +21,7 @@ from anytext2_lcm.light_decoder import (FILE_NAME, LightDecoderError, build_ligh
                                         light_decoder_config, load_light_decoder, save_light_decoder,
                                         upsampling_factor)
 
-from distill_helpers import base_config, make_config, metrics, tiny_dataset, write_yaml
+from distill_helpers import base_config, make_config, metrics, perturb_lora_b, tiny_dataset, write_yaml
 from distill_helpers import one_thread  # noqa: F401  (autouse: one intra-op thread in this module)
 
 
@@ -172,8 +172,8 @@ def test_the_sd15_recipe_parses():
 # ---- generated latents (decoder_training.generated) --------------------------------------------------------------
 
 
-def test_latent_crops_keep_each_latent_and_its_mask_aligned():
-    from anytext2_lcm.distill.decoder import latent_crops
+def test_crops_of_a_latent_keep_its_pixel_mask_aligned():
+    from anytext2_lcm.distill.autoencoder import random_crops
 
     f = 4
     # latent pixel (y, x) holds 100·y + x in every channel; the mask is 1 where the latent value is odd, upsampled
@@ -183,7 +183,7 @@ def test_latent_crops_keep_each_latent_and_its_mask_aligned():
     odd = (code.long() % 2).float()
     mask = odd.repeat_interleave(f, 0).repeat_interleave(f, 1).expand(3, 1, 32, 32).clone()
     gens = [torch.Generator().manual_seed(s) for s in (0, 1, 2)]
-    zc, mc = latent_crops(z, mask, gens, 5, f)
+    zc, mc = random_crops(z, mask, gens, 5, 1, scale=f)
     assert zc.shape == (3, 2, 5, 5) and mc.shape == (3, 1, 20, 20)
     for i in range(3):
         c = zc[i, 0]
@@ -193,7 +193,7 @@ def test_latent_crops_keep_each_latent_and_its_mask_aligned():
         want = (c.long() % 2).float().repeat_interleave(f, 0).repeat_interleave(f, 1)
         torch.testing.assert_close(mc[i, 0], want)
     # whole latents (side >= the latent side): flips only
-    zw, mw = latent_crops(z, mask, [torch.Generator().manual_seed(0)] * 3, 8, f)
+    zw, mw = random_crops(z, mask, [torch.Generator().manual_seed(0)] * 3, 8, 1, scale=f)
     assert zw.shape == z.shape and mw.shape == mask.shape
 
 
@@ -204,11 +204,7 @@ def _student_adapter(path: Path) -> Path:
 
     m = build_model("tiny")  # only the adapter's shapes matter: it is loaded into the run's own model
     L.apply_lora(m, L.LoraSpec(rank=2, alpha=2))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    perturb_lora_b(m, seed=3)
     meta = {"method": "lcm", "sampling": json.dumps(student_sampling("lcm", original_steps=20).to_dict())}
     return L.save_lora(m, path, metadata=meta)
 

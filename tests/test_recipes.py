@@ -46,6 +46,14 @@ def test_invalid_recipe_names_the_field(override, field):
     assert str(e.value).startswith(field), str(e.value)
 
 
+def test_the_testbeds_last_stage_must_be_a_teacher():
+    from anytext2_lcm.recipes.testbed import check_sections
+
+    assert check_sections(load_recipe(TESTBED)) == (0.95, "fp16")
+    with pytest.raises(ConfigError, match=r"^stages.teacher_large.config.method='ocr': the last stage is the shipped"):
+        check_sections(load_recipe(TESTBED, ["stages.teacher_large.config.method=ocr"]))
+
+
 def test_shipped_recipes_load():
     for name in ("testbed", "demo", "text_quality"):
         r = load_recipe(REPO / "configs" / f"{name}.yaml")

@@ -56,10 +56,11 @@ class ImageBatch:
 
 
 def random_crops(x: torch.Tensor, hint: torch.Tensor, gens: list[torch.Generator], crop: int,
-                 grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 grid: int, scale: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """One random ``crop``-sided square per sample, its corner on a multiple of ``grid`` (so that crops see the same
     downsampling phase as whole images), flipped left-right with probability 1/2; each sample draws from its own
-    generator. ``crop`` 0 or ≥ the image side: whole images, flips only."""
+    generator. ``crop`` 0 or ≥ the image side: whole images, flips only. ``hint`` may be ``scale`` times finer than
+    ``x`` (a latent and its pixel mask): its crop is the same square, ``scale`` times larger."""
     H, W = x.shape[-2:]
     xs, hs = [], []
     for i, g in enumerate(gens):
@@ -67,7 +68,8 @@ def random_crops(x: torch.Tensor, hint: torch.Tensor, gens: list[torch.Generator
         if 0 < crop < min(H, W):
             oy = int(torch.randint(0, (H - crop) // grid + 1, (1,), generator=g)) * grid
             ox = int(torch.randint(0, (W - crop) // grid + 1, (1,), generator=g)) * grid
-            xi, hi = xi[:, oy:oy + crop, ox:ox + crop], hi[:, oy:oy + crop, ox:ox + crop]
+            xi = xi[:, oy:oy + crop, ox:ox + crop]
+            hi = hi[:, oy * scale:(oy + crop) * scale, ox * scale:(ox + crop) * scale]
         if float(torch.rand((), generator=g)) < 0.5:
             xi, hi = xi.flip(-1), hi.flip(-1)
         xs.append(xi)

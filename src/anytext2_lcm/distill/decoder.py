@@ -17,8 +17,8 @@ Encoded images are not what the decoder meets at inference: a sampler's x0 (abov
 smoother and off the encoder's manifold, and a decoder trained on encoder latents alone loses more text there than on
 reconstructions. With ``decoder_training.generated`` = N the run first samples N latents with the model itself
 (:func:`sample_latent_bank`: the data's first prompts and line positions, by the teacher and/or a student adapter,
-``generated_by``), and then a ``generated_fraction`` share of every batch is a random crop of one of them (same
-grid, same flip) in place of the encoded image; the target stays the full decoder's image of exactly the latent the
+``generated_by``), and then a ``generated_fraction`` share of every batch is a random crop of one of them (the same
+crop and flip) in place of the encoded image; the target stays the full decoder's image of exactly the latent the
 light decoder reads, and the text weight comes from the sample's line positions.
 Only the light decoder trains; it is attached to the model as ``light_decoder`` so that the trainer's checkpoints,
 resume and DDP handle it like any trainable part. At the end (:meth:`DecoderMethod.save_results`) the run writes
@@ -88,27 +88,6 @@ def decoder_targets(model: nn.Module, images: torch.Tensor, gens: list[torch.Gen
         return model.scale_factor * z, model.vae.decode(z).float()
 
 
-def latent_crops(z: torch.Tensor, mask: torch.Tensor, gens: list[torch.Generator], side: int, factor: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random ``side``-sided square of each latent (B, C, h, w) and the matching ``factor``·``side`` square of its
-    pixel mask (B, 1, factor·h, factor·w), flipped left-right together with probability 1/2; sample i draws from
-    ``gens[i]``. ``side`` ≥ the latent side: whole latents, flips only."""
-    h, w = z.shape[-2:]
-    zs, ms = [], []
-    for i, g in enumerate(gens):
-        zi, mi = z[i], mask[i]
-        if side < min(h, w):
-            oy = int(torch.randint(0, h - side + 1, (1,), generator=g))
-            ox = int(torch.randint(0, w - side + 1, (1,), generator=g))
-            zi = zi[:, oy:oy + side, ox:ox + side]
-            mi = mi[:, oy * factor:(oy + side) * factor, ox * factor:(ox + side) * factor]
-        if float(torch.rand((), generator=g)) < 0.5:
-            zi, mi = zi.flip(-1), mi.flip(-1)
-        zs.append(zi)
-        ms.append(mi)
-    return torch.stack(zs), torch.stack(ms)
-
-
 class DecoderMethod(Method):
     """Distil the model's VAE decoder into a light decoder (everything of the model frozen); see the module
     docstring."""
@@ -143,8 +122,8 @@ class DecoderMethod(Method):
             swap = [i for i, g in enumerate(gens) if float(torch.rand((), generator=g)) < d.generated_fraction]
             if swap:
                 picks = [int(torch.randint(0, len(bank["latents"]), (1,), generator=gens[i])) for i in swap]
-                z, m = latent_crops(bank["latents"][picks], bank["mask"][picks].float(), [gens[i] for i in swap],
-                                    images.shape[-1] // model.cfg.latent_factor, model.cfg.latent_factor)
+                z, m = random_crops(bank["latents"][picks], bank["mask"][picks].float(), [gens[i] for i in swap],
+                                    images.shape[-1] // model.cfg.latent_factor, 1, scale=model.cfg.latent_factor)
                 with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, enabled=False):
                     z = z.to(device).float()
                     dec = model.vae.decode(z / model.scale_factor).float()
@@ -231,10 +210,14 @@ BANK_FORMAT = "anytext2-lcm generated latents"
 
 
 def _bank_settings(cfg, rank: int, world: int) -> dict:
+    """What the bank depends on (its file is re-sampled when any of it changes): the model by its weights' hashes."""
+    from .components import teacher_fingerprint
+
     d = cfg.decoder_training
     return {"format": BANK_FORMAT, "generated": d.generated, "generated_by": list(d.generated_by),
             "generated_lora": d.generated_lora, "data": list(cfg.data.json_paths), "image_size": cfg.data.image_size,
-            "model": cfg.model.teacher or cfg.model.preset, "seed": cfg.train.seed, "rank": rank, "world": world}
+            "model": teacher_fingerprint(cfg.model.teacher, cfg.model), "seed": cfg.train.seed, "rank": rank,
+            "world": world}
 
 
 def latent_bank(model: nn.Module, cfg, path: Path, rank: int, world: int, device) -> dict[str, torch.Tensor]:
@@ -278,8 +261,9 @@ def sample_latent_bank(model: nn.Module, json_paths: list[str], rows: list[int],
     the adapter off; "student@K": the adapter ``lora`` at K steps with its recorded sampling), seed ``seed + i``.
 
     The model is sampled in eval mode; a student adapter is loaded into it for the sampling and removed after, and
-    every module's mode and every parameter's ``requires_grad`` are restored (the light decoder keeps training). Returns {"latents": (N, C, size/f, size/f) the sampler's final (scaled) latents, float32; "mask": (N, 1,
-    size, size) uint8, 1 inside the rows' line polygons}.
+    every module's mode and every parameter's ``requires_grad`` are restored (the light decoder keeps training).
+    Returns {"latents": (N, C, size/f, size/f) the sampler's final (scaled) latents, float32; "mask": (N, 1, size,
+    size) uint8, 1 inside the rows' line polygons}.
     """
     import contextlib
     import time
@@ -351,5 +335,4 @@ def sample_latent_bank(model: nn.Module, json_paths: list[str], rows: list[int],
     return {"latents": torch.cat(latents).contiguous(), "mask": torch.cat(masks).contiguous()}
 
 
-__all__ = ["DecoderBatch", "DecoderMethod", "LightDecoderNet", "decoder_targets", "latent_bank", "latent_crops",
-           "sample_latent_bank"]
+__all__ = ["DecoderBatch", "DecoderMethod", "LightDecoderNet", "decoder_targets", "latent_bank", "sample_latent_bank"]
