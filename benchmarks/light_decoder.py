@@ -37,18 +37,30 @@ MAX_DROP = 0.02
 """The text cost allowed for a fast setting: Sen.ACC at most 2 points below the fp32 full-decoder student."""
 
 
-def make_data(recipe: Path, cache: Path, train_num: int, heldout_num: int) -> dict[str, Path]:
-    """The recipe's train / held-out datasets (``datasets`` of a testbed recipe) written once into ``cache``."""
+def make_data(recipe: Path, cache: Path, train_num: int, heldout_num: int,
+              train_set: str | None = None) -> dict[str, Path]:
+    """The recipe's train / held-out datasets (``datasets`` of a testbed recipe) written once into ``cache``.
+
+    ``train_set`` names the recipe dataset the decoder learns from; by default the one the recipe's last stage (the
+    shipped model) was trained on, so that its glyph sizes and layouts are the ones the model draws.
+    """
     import yaml
 
     from anytext2_lcm.data.synthetic import SynthConfig, write_dataset
 
     if not recipe.is_file():
         raise FileNotFoundError(f"--recipe {recipe}: not found (the testbed recipe, configs/testbed.yaml)")
-    sets = yaml.safe_load(recipe.read_text())["datasets"]
+    doc = yaml.safe_load(recipe.read_text())
+    sets = doc["datasets"]
+    if train_set is None:
+        stages = list((doc.get("stages") or {}).values())
+        train_set = (stages[-1] or {}).get("data", "train") if stages else "train"
+    if train_set not in sets:
+        raise ValueError(f"--train-set {train_set!r}: not a dataset of {recipe} (has {', '.join(sets)})")
     out = {}
     for name, num in (("train", train_num), ("heldout", heldout_num)):
-        fields = {k: v for k, v in sets[name].items() if k in SynthConfig.__dataclass_fields__}
+        source = train_set if name == "train" else name
+        fields = {k: v for k, v in sets[source].items() if k in SynthConfig.__dataclass_fields__}
         fields.update(num=num)
         folder = cache / f"{name}_{num}-{_digest(fields)}"  # a changed recipe makes new data
         done = folder / "anyword_synth.json"
@@ -222,6 +234,8 @@ def _parse(argv):
     ap.add_argument("--out", default=str(REPO / "outputs" / "light_decoder"))
     ap.add_argument("--num", type=int, default=128, help="held-out images")
     ap.add_argument("--train-num", type=int, default=2000, help="training images of the light decoder")
+    ap.add_argument("--train-set", default=None,
+                    help="the recipe dataset it learns from (default: the data of the recipe's last stage)")
     ap.add_argument("--train-steps", type=int, default=1000, help="training steps of the light decoder")
     ap.add_argument("--channels", type=int, default=24,
                     help="width of the light decoder (24 on the testbed: its own VAE decoder is narrow, 2.5 G "
@@ -275,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.heldout and args.decoder:
         data = {"heldout": Path(args.heldout)}
     else:
-        data = make_data(Path(args.recipe), cache / "data", args.train_num, args.num)
+        data = make_data(Path(args.recipe), cache / "data", args.train_num, args.num, args.train_set)
         data["heldout"] = Path(args.heldout) if args.heldout else data["heldout"]
     args.heldout = data["heldout"]
     gen = (f"_g{args.generated}-{'+'.join(args.generated_by).replace('@', '')}-{args.generated_fraction:g}-"
@@ -283,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
            if args.generated else "")
     decoder = Path(args.decoder) if args.decoder else train_decoder(
         args.model, data["train"], size, args,
-        cache / f"decoder_{Path(args.model).name}_c{args.channels}_{args.crop}_{args.train_steps}{gen}")
+        cache / f"decoder_{Path(args.model).name}_c{args.channels}_{args.crop}_{args.train_steps}{gen}"
+                f"-{data['train'].parent.name}")
     models = _models(args.model, args.lora)
     tiny = {dt: load_light_decoder(decoder, m.cfg).to(dtype=next(m.unet.parameters()).dtype).eval()
             for dt, m in models.items()}

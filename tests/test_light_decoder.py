@@ -291,3 +291,36 @@ def test_generated_latent_settings_are_checked(data, tmp_path):
     with pytest.raises(ConfigError, match=r"^decoder_training.generated_lora=.*adapter not found"):
         make_config(data, tmp_path, "method=decoder", "decoder_training.generated=4",
                     "decoder_training.generated_by=[student@2]", f"decoder_training.generated_lora={tmp_path}/no")
+
+
+def test_the_benchmark_trains_on_the_shipped_stages_data(tmp_path):
+    """benchmarks/light_decoder.py learns from the dataset of the recipe's last stage (the shipped model's glyph
+    sizes) unless told otherwise, and an unknown dataset name is refused with the flag's name."""
+    import importlib.util
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("light_decoder_bench", repo / "benchmarks" / "light_decoder.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    recipe = yaml.safe_load((repo / "configs" / "testbed.yaml").read_text())
+    last = list(recipe["stages"].values())[-1]["data"]
+    assert last != "train"  # the shipped stage is fine-tuned on another set than the first teacher's
+
+    got = bench.make_data(repo / "configs" / "testbed.yaml", tmp_path / "a", 3, 2)
+    first = bench.make_data(repo / "configs" / "testbed.yaml", tmp_path / "b", 3, 2, "train")
+    want = recipe["datasets"][last]
+    assert got["train"].parent.name != first["train"].parent.name  # other data, another cache folder
+    assert got["heldout"].parent.name == first["heldout"].parent.name  # the held-out set does not move
+    # the images are the named set's: its seed and glyph sizes reproduce them
+    from anytext2_lcm.data.synthetic import SynthConfig, write_dataset
+
+    fields = {k: v for k, v in want.items() if k in SynthConfig.__dataclass_fields__}
+    ref = write_dataset(SynthConfig(**{**fields, "num": 3}), tmp_path / "ref")[0]
+    assert json.loads(ref.read_text())["data_list"] == json.loads(got["train"].read_text())["data_list"]
+    assert json.loads(ref.read_text())["data_list"] != json.loads(first["train"].read_text())["data_list"]
+    with pytest.raises(ValueError, match=r"^--train-set 'nope': not a dataset of"):
+        bench.make_data(repo / "configs" / "testbed.yaml", tmp_path / "c", 3, 2, "nope")
