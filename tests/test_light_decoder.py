@@ -277,6 +277,12 @@ def test_train_decoder_on_generated_latents(data, tmp_path):
     method2.configure_model(model)
     assert torch.equal(method2.bank(model, "cpu")["latents"], bank["latents"])
     assert bank_file.stat().st_mtime_ns == stamp
+    # the written file records how it was trained
+    from anytext2_lcm.light_decoder import read_light_decoder
+
+    method.save_results(model, tmp_path / "out")
+    info = read_light_decoder(tmp_path / "out" / FILE_NAME)[2]
+    assert (info["generated"], info["generated_by"], info["generated_fraction"]) == (3, ["teacher", "student@2"], 1.0)
 
 
 def test_generated_latent_settings_are_checked(data, tmp_path):

@@ -191,6 +191,10 @@ class DecoderMethod(Method):
         info = {"trained_by": "anytext2-lcm train-decoder", "model": self.cfg.model.teacher or self.cfg.model.preset,
                 "latent_factor": model.cfg.latent_factor, "image_size": self.cfg.data.image_size,
                 "steps": self.cfg.train.max_steps, "text_loss_weight": self.cfg.decoder_training.text_loss_weight}
+        dt = self.cfg.decoder_training
+        if dt.generated:
+            info.update(generated=dt.generated, generated_by=list(dt.generated_by),
+                        generated_fraction=dt.generated_fraction)
         path = save_light_decoder(Path(output_dir) / FILE_NAME, tiny, self.config(model), info)
         report = {"file": path.name, **info, "fidelity": self.fidelity(model),
                   "cost": decoder_cost(model, tiny, self.cfg.data.image_size, self.cfg.decoder_training.cost_repeats)}
