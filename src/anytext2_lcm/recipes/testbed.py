@@ -14,7 +14,9 @@ real words the training generator never produces, ``data.words``), then the stag
 The last stage's model is the result. It is measured on the held-out lines (teacher: 20-step DDIM + CFG 7.5; the dataset's own images and the
 VAE's reconstructions as reference rows) into ``OUT/report.md`` / ``report.json``, and written as a converted folder
 in the ``ship.dtype`` precision to ``OUT/model``; ``install`` also replaces the weights inside the package
-(``factory.shipped_weights("testbed")``).
+(``factory.shipped_weights("testbed")``). The installed folder holds no light decoder: the one shipped beside the
+previous weights learnt that model's own generated latents, so it is dropped (and the command says so) rather than
+paired with weights it was never measured on; ``benchmarks/light_decoder.py`` trains and measures a new one.
 """
 
 from __future__ import annotations
@@ -126,12 +128,18 @@ def build_testbed(recipe: Recipe, out: str | Path, cache: str | Path | None = No
 
         target = Path(str(resources.files("anytext2_lcm").joinpath("weights", "testbed")))
         target.parent.mkdir(parents=True, exist_ok=True)
+        from ..light_decoder import FILE_NAME as LIGHT_DECODER
+
+        dropped = (target / LIGHT_DECODER).is_file()
         tmp = target.with_name(".testbed.installing")
         if tmp.exists():
             shutil.rmtree(tmp)
         shutil.copytree(shipped, tmp)
         commit_dir(tmp, target)  # the installed weights are replaced only once the new ones are complete
         report(f"installed {target}")
+        if dropped:
+            report(f"{target}: the previous {LIGHT_DECODER} was not kept (it was trained for the previous weights); "
+                   "train and measure one for these with benchmarks/light_decoder.py")
     doc = summary(recipe, run, vae_res, res, time.perf_counter() - t0)
     write_json(out / "report.json", doc, indent=1, ensure_ascii=False)
     write_text(out / "report.md", summary_markdown(doc))
