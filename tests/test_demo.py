@@ -1,4 +1,4 @@
-"""The demo (`anytext2-lcm demo`): an LCM student distilled from the shipped testbed teacher with the trainer, and the
+"""The demo (`anytext2-lcm demo`): a PCM student (from the CFG-free teacher) distilled from the shipped testbed teacher with the trainer, and the
 report of teacher vs student vs the controls, on a tiny budget."""
 
 from __future__ import annotations
@@ -36,12 +36,14 @@ def test_quick_demo_end_to_end(tmp_path):
     doc = json.loads((out / "report.json").read_text())
     names = set(doc["runs"])
     assert {"teacher", "student@1", "student@4", "ddim@1", "ddim@4", "undistilled@1", "undistilled@4"} <= names
-    assert doc["stages"]["student"]["steps"] == 2 and doc["sampling"]["sampler"] == "lcm"
+    # the student samples as its recipe recorded: the PCM sampler with real CFG (the teacher was unguided)
+    assert doc["stages"]["student"]["steps"] == 2 and doc["sampling"]["sampler"] == "pcm"
+    assert doc["sampling"]["cfg"] > 1
     for row in doc["table"]:
         assert row["lines"] and 0 <= row["sen_acc"] <= 1 and 0 <= row["ned"] <= 1
     # the adapter records how it is sampled, and the grid has one row per sample and five columns
     info = json.loads((out / "work").glob("student-*/adapter/anytext2_student.json").__next__().read_text())
-    assert info["method"] == "lcm" and info["sampling"]["steps"] == 4
+    assert info["method"] == "pcm" and info["sampling"]["steps"] == 4
     with Image.open(out / "grid.png") as im:
         assert im.width > 5 * 128 and im.height > 2 * 128
     assert (out / "loss.png").is_file() and "| student |" in (out / "report.md").read_text()

@@ -1,9 +1,10 @@
 """``anytext2-lcm demo``: the whole job on the built-in testbed model, on the CPU, without any download.
 
-The recipe (``configs/demo.yaml``): synthetic training lines and held-out words → an LCM-LoRA student distilled from
-the shipped ``testbed`` teacher by the project's trainer → one evaluation (:mod:`~anytext2_lcm.evaluate.quality`)
-of the teacher (20-step DDIM + CFG), the student at 1/2/4/8 steps, the teacher's own DDIM and the undistilled
-weights at those step counts, all from the same seeds and x_T, every line read by the offline OCR → ``OUT/grid.png``
+The recipe (``configs/demo.yaml``): synthetic training lines and held-out words → a LoRA student (PCM from the
+CFG-free teacher) distilled from the shipped ``testbed`` teacher by the project's trainer → one evaluation
+(:mod:`~anytext2_lcm.evaluate.quality`) of the teacher (20-step DDIM + CFG), the student at 1/2/4/8 steps, the
+teacher's own DDIM and the undistilled weights at those step counts, all from the same seeds and x_T, every line read
+by the offline OCR → ``OUT/grid.png``
 (glyphs | teacher | student | teacher's DDIM | undistilled, at the grid's step count), ``OUT/loss.png``,
 ``OUT/report.md`` and ``OUT/report.json``.
 """
@@ -136,7 +137,7 @@ def _markdown(doc: dict, table: str) -> str:
     st = next(iter(doc["stages"].values()))
     return "\n".join([
         "# anytext2-lcm demo", "",
-        f"`{doc['command']}` — an {doc['sampling']['sampler']} student distilled from the built-in testbed teacher "
+        f"`{doc['command']}` — a student ({doc['sampling']['sampler']} sampler) distilled from the built-in testbed teacher "
         f"({st.get('steps')} steps, {st.get('build_seconds', 0):.0f} s), evaluated on held-out words it never saw; "
         f"total {doc['seconds']['total']:.0f} s on {doc['machine']['threads']} CPU thread(s).", "",
         table, "![teacher vs student](grid.png)", "", "![distillation loss](loss.png)", ""])
