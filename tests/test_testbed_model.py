@@ -17,6 +17,7 @@ from anytext2_lcm.data.words import heldout_string, is_heldout
 from anytext2_lcm.evaluate.metrics import normalized_edit_distance
 
 BOX = (12, 40, 116, 84)  # the README's first-image box on the 128 px canvas
+POLY = [[BOX[0], BOX[1]], [BOX[2], BOX[1]], [BOX[2], BOX[3]], [BOX[0], BOX[3]]]
 N_WORDS = 8
 
 
@@ -41,14 +42,12 @@ def written(generator):
     """{chinese: (words, results)}: N_WORDS held-out words of each script, each generated in BOX."""
     from anytext2_lcm.generation import GenerationRequest
 
-    x0, y0, x1, y1 = BOX
-    poly = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
     out = {}
     for chinese in (False, True):
         rng = np.random.default_rng(20261206)
         words = [heldout_string(rng, chinese=chinese) for _ in range(N_WORDS)]
         assert all(is_heldout(w) for w in words)
-        out[chinese] = (words, [generator(GenerationRequest(prompt=f'a sign that says "{word}"', positions=[poly],
+        out[chinese] = (words, [generator(GenerationRequest(prompt=f'a sign that says "{word}"', positions=[POLY],
                                                              seed=i)) for i, word in enumerate(words)])
     return out
 
@@ -56,9 +55,7 @@ def written(generator):
 def _read(images, words):
     from anytext2_lcm.evaluate.ocr import read_lines
 
-    x0, y0, x1, y1 = BOX
-    poly = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
-    reads = [read_lines(img, [polygon_mask(poly, *img.shape[:2])])[0] for img in images]
+    reads = [read_lines(img, [polygon_mask(POLY, *img.shape[:2])])[0] for img in images]
     return reads, sum(r == w for r, w in zip(reads, words)), normalized_edit_distance(reads, words)
 
 
