@@ -44,28 +44,22 @@ def make_data(recipe: Path, cache: Path, train_num: int, heldout_num: int,
     ``train_set`` names the recipe dataset the decoder learns from; by default the one the recipe's last stage (the
     shipped model) was trained on, so that its glyph sizes and layouts are the ones the model draws.
     """
-    import yaml
-
-    from anytext2_lcm.data.synthetic import SynthConfig, write_dataset
+    from anytext2_lcm.data.synthetic import write_dataset
+    from anytext2_lcm.recipes.spec import load_recipe, synth_config
 
     if not recipe.is_file():
         raise FileNotFoundError(f"--recipe {recipe}: not found (the testbed recipe, configs/testbed.yaml)")
-    doc = yaml.safe_load(recipe.read_text())
-    sets = doc["datasets"]
-    if train_set is None:
-        stages = list((doc.get("stages") or {}).values())
-        train_set = (stages[-1] or {}).get("data", "train") if stages else "train"
-    if train_set not in sets:
-        raise ValueError(f"--train-set {train_set!r}: not a dataset of {recipe} (has {', '.join(sets)})")
+    r = load_recipe(recipe)
+    train_set = train_set or (r.stages[-1].data if r.stages else "train")
+    if train_set not in r.datasets:
+        raise ValueError(f"--train-set {train_set!r}: not a dataset of {recipe} (has {', '.join(r.datasets)})")
     out = {}
-    for name, num in (("train", train_num), ("heldout", heldout_num)):
-        source = train_set if name == "train" else name
-        fields = {k: v for k, v in sets[source].items() if k in SynthConfig.__dataclass_fields__}
-        fields.update(num=num)
+    for name, source, num in (("train", train_set, train_num), ("heldout", "heldout", heldout_num)):
+        fields = {**r.datasets[source], "num": num}
         folder = cache / f"{name}_{num}-{_digest(fields)}"  # a changed recipe makes new data
         done = folder / "anyword_synth.json"
         if not done.is_file():
-            write_dataset(SynthConfig(**fields), folder)
+            write_dataset(synth_config(fields, f"datasets.{source}"), folder)
         out[name] = done
     return out
 

@@ -1,5 +1,5 @@
-"""The demo (`anytext2-lcm demo`): a PCM student (from the CFG-free teacher) distilled from the shipped testbed teacher with the trainer, and the
-report of teacher vs student vs the controls, on a tiny budget."""
+"""The demo (`anytext2-lcm demo`): a PCM student (from the CFG-free teacher) distilled from the shipped testbed
+teacher with the trainer, and the report of teacher vs student vs the controls, on a tiny budget."""
 
 from __future__ import annotations
 

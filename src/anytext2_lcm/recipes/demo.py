@@ -137,7 +137,8 @@ def _markdown(doc: dict, table: str) -> str:
     st = next(iter(doc["stages"].values()))
     return "\n".join([
         "# anytext2-lcm demo", "",
-        f"`{doc['command']}` — a student ({doc['sampling']['sampler']} sampler) distilled from the built-in testbed teacher "
+        f"`{doc['command']}` — a student ({doc['sampling']['sampler']} sampler) distilled from the built-in "
+        f"testbed teacher "
         f"({st.get('steps')} steps, {st.get('build_seconds', 0):.0f} s), evaluated on held-out words it never saw; "
         f"total {doc['seconds']['total']:.0f} s on {doc['machine']['threads']} CPU thread(s).", "",
         table, "![teacher vs student](grid.png)", "", "![distillation loss](loss.png)", ""])

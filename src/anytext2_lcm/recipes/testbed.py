@@ -11,12 +11,13 @@ real words the training generator never produces, ``data.words``), then the stag
 4. any further ``method: teacher`` stages that continue from it (``configs/testbed.yaml``: ``teacher_large``, a
    fine-tune on large glyphs).
 
-The last stage's model is the result. It is measured on the held-out lines (teacher: 20-step DDIM + CFG 7.5; the dataset's own images and the
-VAE's reconstructions as reference rows) into ``OUT/report.md`` / ``report.json``, and written as a converted folder
-in the ``ship.dtype`` precision to ``OUT/model``; ``install`` also replaces the weights inside the package
-(``factory.shipped_weights("testbed")``). The installed folder holds no light decoder: the one shipped beside the
-previous weights learnt that model's own generated latents, so it is dropped (and the command says so) rather than
-paired with weights it was never measured on; ``benchmarks/light_decoder.py`` trains and measures a new one.
+The last stage's model is the result. It is measured on the held-out lines (teacher: 20-step DDIM + CFG 7.5; the
+dataset's own images and the VAE's reconstructions as reference rows) into ``OUT/report.md`` / ``report.json``, and
+written as a converted folder in the ``ship.dtype`` precision to ``OUT/model``; ``install`` also replaces the weights
+inside the package (``factory.shipped_weights("testbed")``). The installed folder holds no light decoder: the one
+shipped beside the previous weights learnt that model's own generated latents, so it is dropped (and the command says
+so) rather than paired with weights it was never measured on; ``benchmarks/light_decoder.py`` trains and measures a
+new one.
 """
 
 from __future__ import annotations
