@@ -127,6 +127,27 @@ def losses(out_dir: Path) -> list[tuple[int, float]]:
     return [(m["step"], m["loss"]) for m in metrics(out_dir)]
 
 
+def kill_tree(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGKILL a launcher and every process below it, at once, and wait until all are gone. torch's elastic launcher
+    starts each rank in a session of its own, so killing the launcher's process group alone leaves the ranks running
+    (they would go on writing checkpoints beside whatever the test does next). psutil comes with accelerate."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    proc.wait(timeout)
+    assert not alive, f"processes still alive after SIGKILL: {[p.pid for p in alive]}"
+
+
 def wait_for(cond, timeout: float, proc: subprocess.Popen | None = None, what: str = "condition") -> None:
     end = time.time() + timeout
     while time.time() < end:
