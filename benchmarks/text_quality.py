@@ -8,9 +8,10 @@ The students are the stages of the recipe (``anytext2_lcm.recipes``), cached und
 training code, so a second run only re-evaluates (minutes). The evaluation is one ``evaluate`` call on the held-out
 words (never in the training lines): the teacher (20-step DDIM + CFG 7.5), every student at every step count with
 its recorded sampling (and the extra samplers the recipe lists, e.g. TCD for the LCM student), the teacher's own
-DDIM at those step counts and the undistilled weights, all from the same seeds and x_T. Printed and written to
-OUT/report.md and OUT/results.json: Sen.ACC / NED and their retention (student ÷ teacher), the latent MSE to the
-teacher's output and its ratio to the teacher's own k-step DDIM, seconds per image.
+DDIM at those step counts and the undistilled weights under each student's sampling (its control), all from the
+same seeds and x_T. Printed and written to OUT/report.md and OUT/results.json: Sen.ACC / NED and their retention
+(student ÷ teacher), the latent MSE to the teacher's output and its ratio to the teacher's own k-step DDIM and to the
+student's undistilled control, seconds per image.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     import torch
 
     from anytext2_lcm import lora as L
-    from anytext2_lcm.evaluate.quality import format_table, quality_runs, quality_table
+    from anytext2_lcm.evaluate.quality import control_names, format_table, quality_runs, quality_table
     from anytext2_lcm.evaluate.runner import EvalConfig, evaluate
     from anytext2_lcm.factory import build_model
     from anytext2_lcm.recipes.spec import load_recipe
@@ -80,12 +81,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     res = evaluate(model, cfg, out, runs=runs, progress=False)
     labels = [s.label for s, _ in students]
-    tables = {lang: quality_table(res, labels, ev["steps"], lang) for lang in ("Latin", "Chinese", "all")}
+    controls = control_names([s for s, _ in students])
+    tables = {lang: quality_table(res, labels, ev["steps"], lang, controls) for lang in ("Latin", "Chinese", "all")}
     budget = {st.name: {k: st.config.get(k) for k in ("method", "train", "lora", "optim", "ocr_loss")}
               for st in recipe.stages}
     doc = {"recipe": recipe.to_dict(), "budget": budget, "training_seconds_this_run": t_train,
            "stages": {n: {"path": str(s.path), **s.info} for n, s in run.stages.items()},
-           "students": {s.label: {"stage": st, "sampling": s.sampling.to_dict()} for s, st in students},
+           "students": {s.label: {"stage": st, "sampling": s.sampling.to_dict(), "control": controls[s.label]}
+                        for s, st in students},
            "tables": tables, "runs": res["runs"], "dataset": res["dataset"]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False))
