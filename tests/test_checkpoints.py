@@ -232,3 +232,35 @@ def test_resume_refuses_a_malicious_checkpoint_before_running_it(tmp_path, monke
     with pytest.raises(CheckpointError, match="refused"):
         train(make_config(data, out, "train.max_steps=2", "checkpoint.resume=latest"))
     assert not target.exists()
+
+
+def test_average_of_checkpoints_is_the_hand_mean_and_a_damaged_one_stops_it(tmp_path):
+    from anytext2_lcm.distill.checkpoints import average_checkpoints
+
+    mgr = CheckpointManager(tmp_path, keep_last=5)
+    paths = [save(mgr, k) for k in (1, 2, 6)]
+    avg = average_checkpoints(paths)
+    assert torch.equal(avg["w"], torch.full((4, 3), 3.0))  # (1 + 2 + 6) / 3
+    assert avg["w"].dtype == torch.float32
+    assert torch.equal(average_checkpoints(paths[:1])["w"], torch.full((4, 3), 1.0))
+    # one damaged file: nothing is averaged, and the error names the checkpoint
+    f = paths[1] / "trainable.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"checkpoint-000002.*sha256"):
+        average_checkpoints(paths)
+    with pytest.raises(CheckpointError, match="no checkpoints"):
+        average_checkpoints([])
+
+
+def test_average_refuses_checkpoints_of_different_runs(tmp_path):
+    from anytext2_lcm.distill.checkpoints import average_checkpoints
+
+    a, b = CheckpointManager(tmp_path / "a"), CheckpointManager(tmp_path / "b")
+    pa = save(a, 1)
+    shared, local = payload(2)
+    shared["trainable.safetensors"] = {"w": torch.zeros(3, 4)}
+    pb = b.save(2, 0, shared, local)
+    with pytest.raises(CheckpointError, match=r"w is torch.float32 \(3, 4\)"):
+        average_checkpoints([pa, pb])

@@ -28,6 +28,7 @@ TINY_BUDGET = [
     "datasets.train_large.num=6", "stages.teacher_large.config.train.max_steps=2",
     "stages.teacher_large.config.train.batch_size=2", "stages.teacher_large.config.train.num_workers=0",
     "stages.teacher_large.config.optim.lr_warmup_steps=1",
+    "stages.teacher_large.config.checkpoint.every_n_steps=1", "ship.average_checkpoints=[1, 2]",
 ]
 
 
@@ -52,6 +53,23 @@ def test_the_testbeds_last_stage_must_be_a_teacher():
     assert check_sections(load_recipe(TESTBED)) == (0.95, "fp16")
     with pytest.raises(ConfigError, match=r"^stages.teacher_large.config.method='ocr': the last stage is the shipped"):
         check_sections(load_recipe(TESTBED, ["stages.teacher_large.config.method=ocr"]))
+
+
+@pytest.mark.parametrize("steps, says", [
+    ("[600, 1201]", "step 1201 is not a checkpoint"),
+    ("[450]", "step 450 is not a checkpoint"),  # not a multiple of every_n_steps=300
+    ("[900, 900]", "listed twice"),
+    ("1200", "must be a list"),
+])
+def test_averaged_checkpoints_must_be_ones_the_last_stage_keeps(steps, says):
+    from anytext2_lcm.recipes.testbed import averaged_steps, check_sections
+
+    assert averaged_steps(load_recipe(TESTBED, ["ship.average_checkpoints=[1200, 300]"])) == [300, 1200]
+    with pytest.raises(ConfigError, match=rf"^ship.average_checkpoints.*{says}"):
+        check_sections(load_recipe(TESTBED, [f"ship.average_checkpoints={steps}"]))
+    # rotation: with keep_last=2 only 900 and 1200 survive
+    with pytest.raises(ConfigError, match=r"step 600 .*keeps \[900, 1200\]"):
+        check_sections(load_recipe(TESTBED, ["stages.teacher_large.config.checkpoint.keep_last=2"]))
 
 
 def test_shipped_recipes_load():
@@ -80,13 +98,21 @@ def test_testbed_recipe_end_to_end_and_cache(tmp_path):
 
     unet = load_file(str(tmp_path / "out" / "model" / "unet.safetensors"))
     assert {t.dtype for t in unet.values()} == {torch.float16}
-    # the shipped model is the last stage's (the large-glyph fine-tune), not the first teacher's
+    # the shipped model is the last stage's (the large-glyph fine-tune), not the first teacher's: the mean of its
+    # checkpoints at steps 1 and 2 (ship.average_checkpoints), which differs from its final weights (step 2)
     def stage_unet(name):
         f = Path(doc["stages"][name]["path"]) / "model" / "unet.safetensors"
         return {k: v.half() for k, v in load_file(str(f)).items()}
+    ck = Path(doc["stages"]["teacher_large"]["path"]) / "checkpoints"
+    one, two = (load_file(str(ck / f"checkpoint-00000{k}" / "trainable.safetensors")) for k in (1, 2))
+    p = "model.diffusion_model."
+    mean = {k[len(p):]: ((one[k].double() + two[k].double()) / 2).float().half() for k in one if k.startswith(p)}
+    assert mean and all(torch.equal(unet[k], mean[k]) for k in mean)
     last, first = stage_unet("teacher_large"), stage_unet("teacher")
-    assert all(torch.equal(unet[k], last[k]) for k in unet)
+    assert any(not torch.equal(unet[k], last[k]) for k in mean)
+    assert all(torch.equal(unet[k], last[k]) for k in unet if k not in mean)
     assert any(not torch.equal(unet[k], first[k]) for k in unet)
+    assert doc["averaged_checkpoints"] == [1, 2]
     model = build_model(str(tmp_path / "out" / "model")).eval()
     assert model.cfg.name == "testbed" and model.cfg.image_size == 128
     img = Generator(model)(GenerationRequest(prompt='a sign that says "harbor"', positions=[[10, 40, 118, 80]],

@@ -481,3 +481,41 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: {name} is missing") from None
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{p}: corrupt JSON ({e})") from None
+
+
+def average_checkpoints(paths: list[str | os.PathLike], name: str = "trainable.safetensors") -> dict[str, torch.Tensor]:
+    """The uniform average of one tensor file over several checkpoints of a run (post-hoc weight averaging, as in
+    SWA and checkpoint averaging: the mean of late weights of one trajectory reads better than its last point).
+
+    ``torch.optim.swa_utils.AveragedModel`` averages a live model during training; this averages finished
+    checkpoints after it, so a recipe can choose the window without retraining. Every checkpoint is verified in full
+    (sizes and sha256 against its marker) before any is read: a damaged one raises and nothing is averaged.
+    Floating tensors are summed in float64 and returned in their own dtype; other tensors (counters such as
+    BatchNorm's ``num_batches_tracked``) are the last checkpoint's.
+
+    Raises:
+        CheckpointError: no paths, a checkpoint that does not verify, or checkpoints whose tensors differ in names,
+            shapes or dtypes.
+    """
+    if not paths:
+        raise CheckpointError("average_checkpoints: no checkpoints given")
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        CheckpointManager(p.parent).verify(p, full=True)
+    acc: dict[str, torch.Tensor] = {}
+    first: dict[str, torch.Tensor] = {}
+    for p in paths:
+        tensors = CheckpointReader(p).tensors(name)
+        if not first:
+            first = tensors
+            acc = {k: v.double() if v.is_floating_point() else v for k, v in tensors.items()}
+            continue
+        if tensors.keys() != first.keys():
+            diff = sorted(set(tensors) ^ set(first))
+            raise CheckpointError(f"{p / name}: tensor names differ from {paths[0] / name} ({diff[:3]})")
+        for k, v in tensors.items():
+            if v.shape != first[k].shape or v.dtype != first[k].dtype:
+                raise CheckpointError(f"{p / name}: {k} is {v.dtype} {tuple(v.shape)}, in {paths[0] / name} "
+                                      f"{first[k].dtype} {tuple(first[k].shape)}")
+            acc[k] = acc[k] + v.double() if v.is_floating_point() else v
+    return {k: (v / len(paths)).to(first[k].dtype) if first[k].is_floating_point() else v for k, v in acc.items()}

@@ -11,9 +11,11 @@ real words the training generator never produces, ``data.words``), then the stag
 4. any further ``method: teacher`` stages that continue from it (``configs/testbed.yaml``: ``teacher_large``, a
    fine-tune on large glyphs).
 
-The last stage's model is the result. It is measured on the held-out lines (teacher: 20-step DDIM + CFG 7.5; the
-dataset's own images and the VAE's reconstructions as reference rows) into ``OUT/report.md`` / ``report.json``, and
-written as a converted folder in the ``ship.dtype`` precision to ``OUT/model``; ``install`` also replaces the weights
+The last stage's model is the result: its final weights, or with ``ship.average_checkpoints: [steps]`` the uniform
+average of its checkpoints at those steps (``distill.checkpoints.average_checkpoints``; the window is chosen on a
+validation set, never on the held-out lines). It is measured on the held-out lines (teacher: 20-step DDIM + CFG 7.5;
+the dataset's own images and the VAE's reconstructions as reference rows) into ``OUT/report.md`` / ``report.json``,
+and written as a converted folder in the ``ship.dtype`` precision to ``OUT/model``; ``install`` also replaces the weights
 inside the package (``factory.shipped_weights("testbed")``). The installed folder holds no light decoder: the one
 shipped beside the previous weights learnt that model's own generated latents, so it is dropped (and the command says
 so) rather than paired with weights it was never measured on; ``benchmarks/light_decoder.py`` trains and measures a
@@ -43,8 +45,8 @@ class GateError(RuntimeError):
 
 
 def check_sections(recipe: Recipe) -> tuple[float, str]:
-    """(gate.vae_min_sen_acc, ship.dtype), validated; the recipe must have the vae and teacher stages and a held-out
-    dataset."""
+    """(gate.vae_min_sen_acc, ship.dtype), validated, and ``ship.average_checkpoints`` (:func:`averaged_steps`); the
+    recipe must have the vae and teacher stages and a held-out dataset."""
     gate = recipe.sections.get("gate") or {}
     ship = recipe.sections.get("ship") or {}
     g = gate.get("vae_min_sen_acc", 0.95)
@@ -63,7 +65,32 @@ def check_sections(recipe: Recipe) -> tuple[float, str]:
                           f"shipped model and must be a teacher stage")
     if "heldout" not in recipe.datasets:
         raise ConfigError("datasets.heldout: the testbed recipe needs a held-out dataset")
+    averaged_steps(recipe)
     return float(g), dt
+
+
+def averaged_steps(recipe: Recipe) -> list[int]:
+    """``ship.average_checkpoints``: the steps of the last stage whose checkpoints are averaged into the shipped
+    weights ([] = its final weights). Each must be a step the trainer saves (a multiple of
+    ``checkpoint.every_n_steps`` below ``train.max_steps``, or ``max_steps`` itself) and one that rotation keeps (among
+    the newest ``checkpoint.keep_last``); else a one-line ConfigError naming the field."""
+    steps = (recipe.sections.get("ship") or {}).get("average_checkpoints") or []
+    field = "ship.average_checkpoints"
+    if not isinstance(steps, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in steps):
+        raise ConfigError(f"{field}={steps!r}: must be a list of training steps (integers)")
+    if len(set(steps)) != len(steps):
+        raise ConfigError(f"{field}={steps!r}: a step is listed twice")
+    last = recipe.stages[-1]
+    train, ck = last.config.get("train") or {}, last.config.get("checkpoint") or {}
+    max_steps, every, keep = train.get("max_steps"), ck.get("every_n_steps", 0), ck.get("keep_last", 3)
+    saved = sorted({k for k in range(every, max_steps, every)} if every else set()) + [max_steps]
+    kept = saved[-keep:] if keep else saved
+    for x in steps:
+        if x not in kept:
+            raise ConfigError(f"{field}: step {x} is not a checkpoint that stages.{last.name} keeps (it keeps "
+                              f"{kept}: checkpoint.every_n_steps={every}, keep_last={keep}, "
+                              f"train.max_steps={max_steps})")
+    return sorted(steps)
 
 
 def measure(model_path: Path, data: Path, out: Path, teacher: bool, num: int | None = None) -> dict:
@@ -119,8 +146,12 @@ def build_testbed(recipe: Recipe, out: str | Path, cache: str | Path | None = No
                         f"(stages.vae.config.train.max_steps) or widen it")
     run = run_recipe(recipe, cache, fresh=False, report=report)
     final = recipe.stages[-1].name
-    res = measure(run.model(final), held, out / "eval", teacher=True)
-    model = build_model(str(run.model(final)))
+    result = run.model(final)
+    steps = averaged_steps(recipe)
+    if steps:
+        result = average_into(run, final, steps, out / "averaged", report)
+    res = measure(result, held, out / "eval", teacher=True)
+    model = build_model(str(result))
     shipped = save_converted(model, out / "model", dtype=getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else None,
                              extra={"trained_by": f"anytext2-lcm testbed ({recipe.name})",
                                     "recipe": recipe.to_dict()})
@@ -148,6 +179,32 @@ def build_testbed(recipe: Recipe, out: str | Path, cache: str | Path | None = No
     return doc
 
 
+def average_into(run: RecipeRun, stage: str, steps: list[int], out: Path, report: Callable[[str], None]) -> Path:
+    """The stage's model with its trainable weights replaced by the average of its checkpoints at ``steps``, written
+    (fp32) to ``out``; returns ``out``."""
+    import torch
+
+    from ..checkpoint import CheckpointError, save_converted
+    from ..distill.checkpoints import average_checkpoints, checkpoint_name
+    from ..factory import build_model
+
+    root = run.stages[stage].path / "checkpoints"
+    avg = average_checkpoints([root / checkpoint_name(k) for k in steps])
+    model = build_model(str(run.model(stage))).eval()
+    named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    unknown = sorted(set(avg) - set(named))
+    if unknown:
+        raise CheckpointError(f"{root}: checkpointed tensors the model does not have: {unknown[:3]}")
+    with torch.no_grad():
+        for k, v in avg.items():
+            if named[k].shape != v.shape:
+                raise CheckpointError(f"{root}: {k} has shape {tuple(v.shape)}, the model {tuple(named[k].shape)}")
+            named[k].copy_(v)
+    report(f"{stage}: averaged the weights of its checkpoints at steps {steps} ({len(avg)} tensors)")
+    return save_converted(model, out, dtype=torch.float32,
+                          extra={"trained_by": f"stage {stage}, checkpoints {steps} averaged"})
+
+
 def summary(recipe: Recipe, run: RecipeRun, vae_res: dict, res: dict, seconds: float) -> dict:
     from ..evaluate.figures import read_losses
 
@@ -157,7 +214,7 @@ def summary(recipe: Recipe, run: RecipeRun, vae_res: dict, res: dict, seconds: f
         "build_seconds": {n: s.info.get("build_seconds") for n, s in run.stages.items()},
         "seconds_this_run": seconds,
         "reference": ocr_row(res, "reference"), "reconstruction": ocr_row(vae_res, "reconstruction"),
-        "teacher": ocr_row(res, "teacher"),
+        "teacher": ocr_row(res, "teacher"), "averaged_checkpoints": averaged_steps(recipe),
         "teacher_losses": read_losses(run.stages[recipe.stages[-1].name].path)[-1:],
     }
 
@@ -168,9 +225,12 @@ def summary_markdown(doc: dict) -> str:
     for name in ("reference", "reconstruction", "teacher"):
         for lang, r in doc[name].items():
             lines.append(f"| {name} | {lang} | {r['lines']} | {r['sen_acc']:.3f} | {r['ned']:.3f} |")
+    if doc.get("averaged_checkpoints"):
+        lines += ["", f"The teacher's weights: the average of the last stage's checkpoints at steps "
+                      f"{doc['averaged_checkpoints']}."]
     lines += ["", "Stage build times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in doc["build_seconds"].items()
                                                        if v is not None)]
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["GateError", "build_testbed", "check_sections", "measure"]
+__all__ = ["GateError", "average_into", "averaged_steps", "build_testbed", "check_sections", "measure"]
