@@ -62,11 +62,16 @@ def test_the_testbeds_last_stage_must_be_a_teacher():
     ("1200", "must be a list"),
 ])
 def test_averaged_checkpoints_must_be_ones_the_last_stage_keeps(steps, says):
+    from anytext2_lcm.recipes.testbed import check_sections
+
+    with pytest.raises(ConfigError, match=rf"^ship.average_checkpoints.*{says}"):
+        check_sections(load_recipe(TESTBED, [f"ship.average_checkpoints={steps}"]))
+
+
+def test_averaged_checkpoints_are_sorted_and_follow_rotation():
     from anytext2_lcm.recipes.testbed import averaged_steps, check_sections
 
     assert averaged_steps(load_recipe(TESTBED, ["ship.average_checkpoints=[1200, 300]"])) == [300, 1200]
-    with pytest.raises(ConfigError, match=rf"^ship.average_checkpoints.*{says}"):
-        check_sections(load_recipe(TESTBED, [f"ship.average_checkpoints={steps}"]))
     # rotation: with keep_last=2 only 900 and 1200 survive
     with pytest.raises(ConfigError, match=r"step 600 .*keeps \[900, 1200\]"):
         check_sections(load_recipe(TESTBED, ["stages.teacher_large.config.checkpoint.keep_last=2"]))

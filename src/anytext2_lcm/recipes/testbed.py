@@ -191,15 +191,12 @@ def average_into(run: RecipeRun, stage: str, steps: list[int], out: Path, report
     root = run.stages[stage].path / "checkpoints"
     avg = average_checkpoints([root / checkpoint_name(k) for k in steps])
     model = build_model(str(run.model(stage))).eval()
-    named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    unknown = sorted(set(avg) - set(named))
+    try:  # torch checks the shapes; the trainable subset leaves every other tensor as the stage's model has it
+        unknown = model.load_state_dict(avg, strict=False).unexpected_keys
+    except RuntimeError as e:
+        raise CheckpointError(f"{root}: the averaged tensors do not fit the model ({e})") from None
     if unknown:
-        raise CheckpointError(f"{root}: checkpointed tensors the model does not have: {unknown[:3]}")
-    with torch.no_grad():
-        for k, v in avg.items():
-            if named[k].shape != v.shape:
-                raise CheckpointError(f"{root}: {k} has shape {tuple(v.shape)}, the model {tuple(named[k].shape)}")
-            named[k].copy_(v)
+        raise CheckpointError(f"{root}: checkpointed tensors the model does not have: {sorted(unknown)[:3]}")
     report(f"{stage}: averaged the weights of its checkpoints at steps {steps} ({len(avg)} tensors)")
     return save_converted(model, out, dtype=torch.float32,
                           extra={"trained_by": f"stage {stage}, checkpoints {steps} averaged"})
