@@ -20,4 +20,5 @@ def test_config_reference_is_up_to_date():
 def test_reference_lists_fields_with_type_default_and_meaning():
     text = render()
     assert "| `train.max_steps` |" in text and "| `unet.model_channels` | `int` | `320` |" in text
-    assert "| `cfg_scale` | `float` | `7.5` |" in text
+    assert "| `guidance_scale` | `float` | `7.5` |" in text
+    assert "| `cfg_scale` | `float \\| None` | `None` |" in text  # a union's bar is escaped inside the table

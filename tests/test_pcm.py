@@ -318,20 +318,44 @@ def _adapter_metadata(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def pcm_adapter(data, tmp_path_factory):
-    """A converted tiny teacher and a CFG-free PCM adapter distilled from it (a few steps: the route, not quality)."""
+    """A converted tiny teacher that records its own guidance scale (4, not AnyText2's 7.5) and a CFG-free PCM adapter
+    distilled from it (a few steps: the route, not quality)."""
+    import dataclasses
+
     from anytext2_lcm.checkpoint import save_converted
     from anytext2_lcm.distill.config import ModelSection
     from anytext2_lcm.distill.trainer import train
 
     root = tmp_path_factory.mktemp("pcm_adapter")
     teacher = root / "teacher"
-    save_converted(build_teacher(ModelSection(preset="tiny", init_seed=0)), teacher)
+    model = build_teacher(ModelSection(preset="tiny", init_seed=0))
+    model.cfg = dataclasses.replace(model.cfg, guidance_scale=TEACHER_GUIDANCE)
+    save_converted(model, teacher)
     result = train(make_config(data, root / "run", "method=pcm", "pcm.cfg_free_teacher=true", "train.max_steps=2",
                                f"model.teacher={teacher}"))
     assert result.exit_code == 0
     boxes = root / "boxes.json"
     boxes.write_text(json.dumps([[8, 20, 56, 44]]))
     return teacher, root / "run" / "adapter", boxes
+
+
+TEACHER_GUIDANCE = 4.0
+
+
+def test_the_teachers_own_guidance_scale_reaches_the_student_and_the_defaults(pcm_adapter, tmp_path, capsys):
+    """The converted teacher records guidance 4: its CFG-free student records real CFG 4 in its adapter, and
+    ``generate`` runs the teacher (no adapter) and the student (no --cfg) at 4, not at AnyText2's 7.5."""
+    from anytext2_lcm.cli import main
+    from anytext2_lcm.lora import adapter_info
+
+    teacher, adapter, boxes = pcm_adapter
+    assert adapter_info(adapter)["sampling"]["cfg"] == TEACHER_GUIDANCE
+    base = ["generate", "--model", str(teacher), "--prompt", 'a sign that says "Hi"', "--boxes", str(boxes),
+            "--height", "64", "--width", "64", "--steps", "2"]
+    for extra in ([], ["--lora", str(adapter)]):
+        assert main([*base, *extra, "--out", str(tmp_path / f"{len(extra)}.png")]) == 0
+        info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert info["cfg"] == TEACHER_GUIDANCE and info["sampler"] == ("pcm" if extra else "ddim")
 
 
 def test_generate_pcm_with_cfg_and_negative_prompt(pcm_adapter, tmp_path, capsys):
@@ -370,6 +394,7 @@ def test_evaluate_pcm_with_cfg_and_negative_prompt(pcm_adapter, data, tmp_path, 
     res = json.loads((out / "results.json").read_text())
     runs = {r["name"]: r for r in res["runs"]}
     assert {"teacher", "student@2", "student@4"} <= set(runs)
+    assert runs["teacher"]["cfg"] == TEACHER_GUIDANCE  # no --teacher-cfg: the model's own scale
     s4 = runs["student@4"]
     assert s4["sampler"] == "pcm" and s4["cfg"] == 7.5 and s4["sampler_options"] == {"num_phases": 4, "original_steps": 50, "convention": "inference"}
     assert s4["unet_evals_per_image"] == 8  # 4 steps × (cond + uncond)

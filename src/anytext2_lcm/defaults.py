@@ -1,9 +1,10 @@
 """Sampling defaults: how the teacher and each kind of student are sampled, and the prompts AnyText2 adds.
 
 Every entry point (``generate``, ``evaluate``, ``bench``, the UI, validation during training, the recipes) takes
-its defaults from here, so that "the teacher" means the same run everywhere: AnyText2's 20-step DDIM with
-classifier-free guidance 7.5 (the original demo's setting), and a student means the sampling its adapter records
-(:func:`student_sampling`; ``lora.adapters`` writes it into the adapter).
+its defaults from here, so that "the teacher" means the same run everywhere: AnyText2's 20-step DDIM with the
+model's classifier-free guidance scale (:func:`teacher_sampling`: ``ModelConfig.guidance_scale``, the original demo's
+7.5 unless the model records another; the shipped testbed records 5.0), and a student means the sampling its adapter
+records (:func:`student_sampling`; ``lora.adapters`` writes it into the adapter).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from dataclasses import dataclass, field
 TEACHER_SAMPLER = "ddim"
 TEACHER_STEPS = 20
 TEACHER_CFG = 7.5
-"""The teacher: DDIM, 20 steps, CFG 7.5 (AnyText2's demo; its benchmark uses 9)."""
+"""The teacher: DDIM, 20 steps, CFG 7.5 (AnyText2's demo; its benchmark uses 9): the guidance of a model that records
+none (``ModelConfig.guidance_scale``'s default)."""
 
 STUDENT_STEPS = (1, 2, 4, 8)
 """Step counts a student is evaluated and compared at."""
@@ -53,23 +55,35 @@ class Sampling:
 
 
 TEACHER = Sampling(TEACHER_SAMPLER, TEACHER_STEPS, TEACHER_CFG)
+"""AnyText2's teacher run; a given model's is :func:`teacher_sampling`."""
+
+
+def teacher_cfg(model_cfg=None) -> float:
+    """The teacher's CFG scale for a model: its ``ModelConfig.guidance_scale`` (``TEACHER_CFG`` without a model)."""
+    return float(model_cfg.guidance_scale) if model_cfg is not None else TEACHER_CFG
+
+
+def teacher_sampling(model_cfg=None) -> Sampling:
+    """The teacher run of a model (``ModelConfig``): 20-step DDIM with the model's guidance scale."""
+    return Sampling(TEACHER_SAMPLER, TEACHER_STEPS, teacher_cfg(model_cfg))
 
 
 def student_sampling(method: str, num_phases: int = 4, convention: str = "inference", original_steps: int = 50,
-                     cfg_free_teacher: bool = False) -> Sampling:
+                     cfg_free_teacher: bool = False, cfg: float = TEACHER_CFG) -> Sampling:
     """The recommended sampling of a student distilled with ``method``.
 
     * ``lcm``: the LCM multistep sampler, 4 steps, no CFG (the teacher's guidance is distilled in);
     * ``pcm``: the deterministic phased sampler over the student's own phase edges, ``num_phases`` steps; no CFG
-      when the teacher was guided, real CFG 7.5 (with the negative prompt) when it was CFG-free.
+      when the teacher was guided, real CFG ``cfg`` (the teacher's own scale, :func:`teacher_cfg`; with the negative
+      prompt) when it was CFG-free.
     """
     if method == "lcm":
         return Sampling("lcm", STUDENT_DEFAULT_STEPS, 1.0, {"original_steps": original_steps})
     if method == "pcm":
-        return Sampling("pcm", num_phases, TEACHER_CFG if cfg_free_teacher else 1.0,
+        return Sampling("pcm", num_phases, float(cfg) if cfg_free_teacher else 1.0,
                         {"num_phases": num_phases, "convention": convention, "original_steps": original_steps})
     raise ValueError(f"no student sampling for method {method!r} (lcm or pcm)")
 
 
 __all__ = ["DEFAULT_A_PROMPT", "DEFAULT_N_PROMPT", "STUDENT_DEFAULT_STEPS", "STUDENT_STEPS", "Sampling", "TEACHER",
-           "TEACHER_CFG", "TEACHER_SAMPLER", "TEACHER_STEPS", "student_sampling"]
+           "TEACHER_CFG", "TEACHER_SAMPLER", "TEACHER_STEPS", "student_sampling", "teacher_cfg", "teacher_sampling"]

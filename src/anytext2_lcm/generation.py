@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,7 +47,7 @@ from .data.glyphs import DegeneratePolygonError, draw_line, polygon_mask, positi
 from .data.hints import debug_images, hollow_font_hint, mimic_font_crop, revise_position
 from .data.prompts import build_text_caption, parse_prompt_lines
 from .models.anytext2 import AnyText2
-from .defaults import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, TEACHER
+from .defaults import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT, TEACHER, teacher_cfg
 from .pipeline import GuidedDenoiser, branch_prompts, encode_branches, require_finite, sample
 from .samplers import make_sampler
 from .samplers.schedule import NoiseSchedule
@@ -108,8 +108,9 @@ class GenerationRequest:
     """'ddim' (teacher), or a student sampler: 'lcm', 'tcd', 'pcm'."""
     sampler_options: dict = field(default_factory=dict)
     """Extra sampler options, e.g. {"gamma": 0.3} for 'tcd'."""
-    cfg_scale: float = TEACHER.cfg
-    """Classifier-free guidance scale (the demo's 7.5; 1 disables the uncond branch)."""
+    cfg_scale: float | None = None
+    """Classifier-free guidance scale (1 disables the uncond branch); None: the model's own
+    (``ModelConfig.guidance_scale``: AnyText2's 7.5, the testbed's 5)."""
     strength: float = 1.0
     """WriteNet control strength."""
     attnx_scale: float = 1.0
@@ -149,9 +150,11 @@ class GenerationRequest:
         _check_int(self.seed, "seed", 0, MAX_SEED)
         for name in ("cfg_scale", "strength", "attnx_scale", "eta"):
             v = getattr(self, name)
+            if v is None and name == "cfg_scale":
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise InputError(f"{name}={v!r}: must be a finite number")
-        if not 0 < self.cfg_scale <= 100:
+        if self.cfg_scale is not None and not 0 < self.cfg_scale <= 100:
             raise InputError(f"cfg_scale={self.cfg_scale}: must lie in (0, 100]")
         if self.positions is not None and self.mask is not None:
             raise InputError("give positions or mask, not both")
@@ -439,6 +442,8 @@ class Generator:
     @torch.no_grad()
     def __call__(self, req: GenerationRequest, x_T: torch.Tensor | None = None, callback=None) -> GenerationResult:
         t0 = time.perf_counter()
+        if req.cfg_scale is None:
+            req = replace(req, cfg_scale=teacher_cfg(self.model.cfg))
         prep = self.prepare(req)
         t1 = time.perf_counter()
         dev, dt = self.device, self.dtype

@@ -211,15 +211,15 @@ def sampler_options(args, sampler: str, flag: str = "--sampler") -> dict:
     return opts
 
 
-def default_sampling(lora: str | None, sampler: str | None = None):
-    """The sampling a model is run with when the flags do not say: the teacher's (``defaults.TEACHER``) without an
-    adapter or with ``--sampler ddim``; with one, what the adapter records (``lora.adapter_info``), else the LCM
-    default with a warning (an adapter made elsewhere)."""
-    from ..defaults import TEACHER, Sampling, student_sampling
+def default_sampling(lora: str | None, sampler: str | None = None, model_cfg=None):
+    """The sampling a model is run with when the flags do not say: the teacher's (``defaults.teacher_sampling``: 20-step
+    DDIM with ``model_cfg``'s guidance scale) without an adapter or with ``--sampler ddim``; with one, what the adapter
+    records (``lora.adapter_info``), else the LCM default with a warning (an adapter made elsewhere)."""
+    from ..defaults import Sampling, student_sampling, teacher_sampling
     from ..lora import adapter_info
 
     if not lora or sampler == "ddim":
-        return TEACHER
+        return teacher_sampling(model_cfg)
     info = adapter_info(lora).get("sampling")
     if info:
         return Sampling.from_dict(info)

@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--steps", type=STEPS, default=None,
                    help="default: 20 for the teacher, the adapter's recorded steps (4) for a student")
     s.add_argument("--cfg", type=CFG, default=None,
-                   help="CFG scale (default: 7.5 for the teacher, the adapter's recorded scale (1: off) for a student)")
+                   help="CFG scale (default: the model's for the teacher: 7.5, the testbed's 5; the adapter's recorded "
+                        "scale (1: off) for a student)")
     s.add_argument("--gamma", type=number(0, 1), default=None, help="TCD gamma (0 = deterministic)")
     s.add_argument("--num-phases", type=STEPS, default=None,
                    help="PCM: the student's phases (steps must divide it or be a multiple of it)")
@@ -113,8 +114,8 @@ def _generate(args) -> int:
 
     The prompt's "quoted" texts become the text lines, one per position (boxes/polygons in a JSON file, or a
     white-on-black mask image). With --edit-image the positions of that image are rewritten. Without --lora: the
-    teacher (DDIM, 20 steps, CFG 7.5). With --lora ADAPTER: the student as its adapter records it (e.g. LCM, 4 steps,
-    no CFG); --sampler/--steps/--cfg override.
+    teacher (DDIM, 20 steps, the model's CFG: 7.5, the testbed's 5). With --lora ADAPTER: the student as its adapter
+    records it (e.g. LCM, 4 steps, no CFG); --sampler/--steps/--cfg override.
     """
     from ..atomic import save_image
     from ..generation import GenerationRequest, InputError, check_request, load_positions
@@ -124,7 +125,7 @@ def _generate(args) -> int:
     from ..cli import UsageError
 
     model_cfg = check_inputs(args)  # files first; the request below is checked against it: all before the model
-    sampling = default_sampling(args.lora, args.sampler)
+    sampling = default_sampling(args.lora, args.sampler, model_cfg)
     sampler = args.sampler or sampling.sampler
     steps = args.steps if args.steps is not None else sampling.steps
     cfg = args.cfg if args.cfg is not None else sampling.cfg

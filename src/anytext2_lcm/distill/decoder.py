@@ -276,7 +276,7 @@ def sample_latent_bank(model: nn.Module, json_paths: list[str], rows: list[int],
     import numpy as np
 
     from .. import lora as L
-    from ..defaults import TEACHER, Sampling
+    from ..defaults import Sampling, teacher_sampling
     from ..evaluate.runner import EvalConfig, load_eval_samples, text_prompt_for
     from ..generation import GenerationRequest, Generator
     from .config import _generated_run
@@ -309,7 +309,7 @@ def sample_latent_bank(model: nn.Module, json_paths: list[str], rows: list[int],
             s = samples[i % len(samples)]
             run = generated_by[i % len(generated_by)]
             k = _generated_run(run)
-            sm = TEACHER if k == 0 else Sampling(student.sampler, k, student.cfg, dict(student.options))
+            sm = teacher_sampling(model.cfg) if k == 0 else Sampling(student.sampler, k, student.cfg, dict(student.options))
             req = GenerationRequest(
                 prompt=s.caption, text_prompt=text_prompt_for(s.lines), positions=[ln.polygon for ln in s.lines],
                 colors=[ln.color for ln in s.lines], height=size, width=size, seed=seed + i, steps=sm.steps,

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..defaults import student_sampling
+from ..defaults import student_sampling, teacher_cfg
 from ..lora import disable_adapters, save_lora
 from ..pipeline import GuidedDenoiser, branch_prompts, encode_branches
 from ..samplers.schedule import NoiseSchedule
@@ -159,8 +159,9 @@ class PCMMethod(LCMMethod):
     def save_results(self, model: nn.Module, output_dir: Path) -> list[Path]:
         name = self.cfg.lora.adapter_name
         p, n = self.cfg.pcm, self.cfg.distill.num_ddim_timesteps
-        # How to sample this adapter (generate / evaluate / the UI read it when no sampler is given).
-        sampling = student_sampling("pcm", p.num_phases, p.convention, n, p.cfg_free_teacher)
+        # How to sample this adapter (generate / evaluate / the UI read it when no sampler is given); a student of a
+        # CFG-free teacher is guided with the teacher model's own scale.
+        sampling = student_sampling("pcm", p.num_phases, p.convention, n, p.cfg_free_teacher, teacher_cfg(model.cfg))
         meta = {"method": self.name, "num_phases": str(p.num_phases), "convention": p.convention,
                 "num_ddim_timesteps": str(n), "cfg_free_teacher": str(p.cfg_free_teacher).lower(),
                 "guidance_scale_range": json.dumps(list(self.cfg.distill.guidance_scale_range)),

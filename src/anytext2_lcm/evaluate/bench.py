@@ -45,7 +45,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..defaults import STUDENT_STEPS, TEACHER_CFG, TEACHER_STEPS
+from ..defaults import STUDENT_STEPS, TEACHER_STEPS, teacher_cfg
 from .runtime import DTYPES, RuntimeOptions, apply_runtime_options
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,8 @@ class BenchConfig:
     dtype: str = "auto"
     teacher_steps: tuple[int, ...] = (TEACHER_STEPS, 50)
     student_steps: tuple[int, ...] = STUDENT_STEPS
-    teacher_cfg: float = TEACHER_CFG
+    teacher_cfg: float | None = None
+    """The teacher's CFG scale; None: the model's own (``ModelConfig.guidance_scale``)."""
     student_sampler: str = "lcm"
     repeats: int = 3
     warmup: bool = True
@@ -398,6 +399,8 @@ def run_bench(cfg: BenchConfig, model=None, log_fn: Callable[[str], None] | None
         model = build_model(cfg.model)
     model = model.to(device=device, dtype=dtype).eval()
     build_s = time.perf_counter() - t0
+    if cfg.teacher_cfg is None:
+        cfg = replace(cfg, teacher_cfg=teacher_cfg(model.cfg))
     log_fn(f"model {cfg.model} ready in {build_s:.1f} s on {device} ({str(dtype).removeprefix('torch.')}), "
            f"{torch.get_num_threads()} threads, load {load0[0]:.2f}")
     base = Variant("base", cfg.runtime)

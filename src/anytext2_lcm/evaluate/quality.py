@@ -2,7 +2,7 @@
 
 One :func:`~.runner.evaluate` call generates, from the same seeds and x_T:
 
-* ``teacher`` — 20-step DDIM + CFG 7.5 (AnyText2's setting): the reference;
+* ``teacher`` — 20-step DDIM + the model's CFG (``defaults.teacher_sampling``; 5 for the testbed): the reference;
 * ``<student>@k`` — each student (an adapter loaded under its label) at each step count k with its own sampling;
 * ``ddim@k`` — the teacher's own DDIM + CFG at k steps: what k steps give without distillation;
 * ``undistilled@k`` — the teacher's weights (adapters bypassed) with a student's sampling (sampler, CFG, options)
@@ -50,16 +50,19 @@ def control_names(students: Sequence[Student]) -> dict[str, str]:
 
 
 def quality_runs(students: Sequence[Student], steps: Sequence[int], controls: bool = True,
-                 teacher: Sampling = TEACHER) -> list[RunSpec]:
+                 teacher: Sampling | None = None) -> list[RunSpec]:
     """The run list: teacher, every student at every k, and (``controls``) ``ddim@k`` and each distinct sampling's
-    undistilled control at every k (:func:`control_names`)."""
-    runs = [RunSpec("teacher", teacher.sampler, teacher.steps, teacher.cfg, tuple(sorted(teacher.options.items())))]
+    undistilled control at every k (:func:`control_names`). ``teacher``: the reference run (None: 20-step DDIM with
+    the evaluated model's own guidance scale, which ``evaluate`` fills in)."""
+    t_cfg = teacher.cfg if teacher is not None else None
+    teacher = teacher or TEACHER
+    runs = [RunSpec("teacher", teacher.sampler, teacher.steps, t_cfg, tuple(sorted(teacher.options.items())))]
     for s in students:
         opts = tuple(sorted(s.sampling.options.items()))
         runs += [RunSpec(f"{s.label}@{k}", s.sampling.sampler, k, s.sampling.cfg, opts,
                          lora=True, adapter=s.adapter or s.label) for k in steps]
     if controls:
-        runs += [RunSpec(f"ddim@{k}", "ddim", k, teacher.cfg) for k in steps]
+        runs += [RunSpec(f"ddim@{k}", "ddim", k, t_cfg) for k in steps]
         names, done = control_names(students), set()
         for s in students:
             if names[s.label] not in done:

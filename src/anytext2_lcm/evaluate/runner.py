@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..atomic import save_image
-from ..defaults import STUDENT_STEPS, TEACHER_CFG, TEACHER_STEPS
+from ..defaults import STUDENT_STEPS, TEACHER_STEPS, teacher_cfg
 from ..generation import GenerationRequest, InputError
 from .metrics import latent_mse, normalized_edit_distance, psnr, sentence_accuracy, ssim
 from .runtime import RuntimeOptions, ViewGenerator, apply_runtime_options
@@ -76,7 +76,8 @@ class EvalConfig:
     seed: int = 100
     """Seed of sample 0 (the benchmark's 100); sample i uses seed + i."""
     teacher_steps: int = TEACHER_STEPS
-    teacher_cfg: float = TEACHER_CFG
+    teacher_cfg: float | None = None
+    """The teacher's CFG scale; None: the model's own (``ModelConfig.guidance_scale``: 7.5, the testbed's 5)."""
     eta: float = 0.0
     student_steps: tuple[int, ...] = STUDENT_STEPS
     student_sampler: str = "lcm"
@@ -258,7 +259,8 @@ class RunSpec:
     """'teacher' or 'student@K'."""
     sampler: str
     steps: int
-    cfg: float
+    cfg: float | None
+    """CFG scale; None: the model's own guidance scale (resolved by :func:`evaluate`)."""
     options: tuple = ()
     lora: bool = False
     """Whether the LoRA is active (students) or bypassed (the teacher and the undistilled controls)."""
@@ -374,6 +376,8 @@ def evaluate(model, cfg: EvalConfig, out: str | os.PathLike, reader=None, runtim
     runtime = runtime or RuntimeOptions()
     if cfg.size is None:
         cfg = replace(cfg, size=model.cfg.image_size)
+    if cfg.teacher_cfg is None:
+        cfg = replace(cfg, teacher_cfg=teacher_cfg(model.cfg))
     if cfg.size % model.cfg.size_multiple:
         raise InputError(f"evaluate.size={cfg.size}: must be a multiple of {model.cfg.size_multiple} for this model")
     samples, load_rep = load_eval_samples(cfg)
@@ -381,7 +385,8 @@ def evaluate(model, cfg: EvalConfig, out: str | os.PathLike, reader=None, runtim
         raise InputError(f"no usable sample in {list(cfg.data)} (skipped: {dict(load_rep.skipped)})")
     has_lora = bool(L.lora_layers(model))
     view, gen = apply_runtime_options(model, runtime, generator_cls=EvalGenerator, glyph_font=cfg.glyph_font)
-    specs = list(runs) if runs is not None else run_specs(cfg)
+    specs = [replace(s, cfg=cfg.teacher_cfg) if s.cfg is None else s
+             for s in (list(runs) if runs is not None else run_specs(cfg))]
     if specs[0].name != "teacher":
         raise ValueError("evaluate: the first run must be the teacher (the fidelity reference)")
     records = {s.name: _RunRecord(s) for s in specs}

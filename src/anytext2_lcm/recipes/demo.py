@@ -59,6 +59,7 @@ def run_demo(recipe: Recipe, out: str | Path, cache: str | Path | None = None, f
 
     from .. import lora as L
     from ..evaluate.figures import image_grid, loss_curve, read_losses
+    from ..defaults import teacher_cfg
     from ..evaluate.quality import Student, format_table, quality_runs, quality_table
     from ..evaluate.runner import EvalConfig, evaluate
     from ..factory import build_model
@@ -85,8 +86,9 @@ def run_demo(recipe: Recipe, out: str | Path, cache: str | Path | None = None, f
     res = evaluate(model, cfg, out / "eval", runs=runs, progress=False)
     rows = quality_table(res, ["student"], e["steps"])
     k = e["grid_steps"]
-    cols = ["glyphs", "teacher\nDDIM 20, CFG 7.5", f"student\n{sampling.sampler} {k}, CFG {sampling.cfg:g}",
-            f"teacher DDIM {k}\nCFG 7.5", f"undistilled\n{sampling.sampler} {k}"]
+    t_cfg = teacher_cfg(model.cfg)
+    cols = ["glyphs", f"teacher\nDDIM 20, CFG {t_cfg:g}", f"student\n{sampling.sampler} {k}, CFG {sampling.cfg:g}",
+            f"teacher DDIM {k}\nCFG {t_cfg:g}", f"undistilled\n{sampling.sampler} {k}"]
     grid_rows = _grid_rows(out / "eval", k, e["grid_rows"])
     if grid_rows:
         image_grid(grid_rows, cols, [" / ".join(s["texts"]) for s in res["samples"][:len(grid_rows)]], scale=2,

@@ -16,6 +16,7 @@ import logging
 import os
 from typing import Any, Sequence
 
+from ..defaults import teacher_cfg
 from ..generation import InputError
 from . import inputs as I
 from .engine import Engine
@@ -162,7 +163,8 @@ class Handlers:
         ui, req, community = self.prepare(values)
         student_mode = ui.mode if ui.mode != I.MODE_TEACHER else I.MODE_STUDENT
         plans = I.compare_plan(req, student_mode=student_mode, student_sampler=ui.sampler,
-                               student_steps=student_steps, teacher_steps=teacher_steps)
+                               student_steps=student_steps, teacher_steps=teacher_steps,
+                               teacher_cfg=teacher_cfg(self.engine.model.cfg))
 
         def on_cell(i, n, label):
             progress(i / n, desc=label)
@@ -198,6 +200,7 @@ def build_app(engine: Engine, *, default_size: int | None = None, font_files: Se
 
     on_gpu = engine.device.type != "cpu"
     size = int(default_size or engine.model.cfg.image_size)
+    t_cfg = teacher_cfg(engine.model.cfg)
     handlers = Handlers(engine, int(edit_max_side or (1024 if on_gpu else 512)))
     choices = I.font_choices(font_files)
     modes = engine.modes
@@ -213,7 +216,7 @@ def build_app(engine: Engine, *, default_size: int | None = None, font_files: Se
         return gr.update(visible=not edit), gr.update(visible=edit), gr.update(value=None)
 
     def on_mode(mode):
-        sampler, steps, cfg = I.mode_defaults(mode)
+        sampler, steps, cfg = I.mode_defaults(mode, t_cfg)
         return gr.update(value=sampler), gr.update(value=steps), gr.update(value=cfg)
 
     def on_size(width, height):
@@ -268,7 +271,7 @@ def build_app(engine: Engine, *, default_size: int | None = None, font_files: Se
                         sampler = gr.Dropdown(list(I.SAMPLERS), value="ddim", label="Sampler", elem_id="sampler")
                         steps = gr.Slider(1, 50, value=I.TEACHER_STEPS, step=1, label="Steps", elem_id="steps")
                     with gr.Row():
-                        cfg = gr.Slider(1, 15, value=I.TEACHER_CFG, step=0.5, label="CFG scale (1 = off)",
+                        cfg = gr.Slider(1, 15, value=t_cfg, step=0.5, label="CFG scale (1 = off)",
                                         elem_id="cfg")
                         strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Strength", elem_id="strength")
                     with gr.Row():
@@ -293,7 +296,7 @@ def build_app(engine: Engine, *, default_size: int | None = None, font_files: Se
                                                    columns=4, height="auto", format="png", object_fit="contain",
                                                    elem_id=ELEM["debug_gallery"])
                     with gr.Tab("Compare"):
-                        gr.Markdown("Teacher: DDIM 20 steps + CFG 7.5. Student (the model choice if it is a "
+                        gr.Markdown(f"Teacher: DDIM 20 steps + CFG {t_cfg:g}. Student (the model choice if it is a "
                                     "student, else teacher + LoRA; the sampler if not DDIM, else LCM): "
                                     "1, 2, 4 and 8 steps without CFG. Same seed and inputs.")
                         cmp_gallery = gr.Gallery(label="Teacher vs student", columns=3, height="auto", format="png",

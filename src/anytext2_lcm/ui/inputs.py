@@ -51,11 +51,11 @@ SORT_CHOICES = {"top-down (vertical)": "vertical", "left-right (horizontal)": "h
 STUDENT_CFG = 1.0
 
 
-def mode_defaults(mode: str) -> tuple[str, int, float]:
-    """(sampler, steps, CFG) a model choice starts with: the teacher's 20-step DDIM + CFG 7.5, a student's
-    4-step LCM without CFG."""
+def mode_defaults(mode: str, teacher_cfg: float = TEACHER_CFG) -> tuple[str, int, float]:
+    """(sampler, steps, CFG) a model choice starts with: the teacher's 20-step DDIM + ``teacher_cfg`` (the model's
+    guidance scale, ``defaults.teacher_cfg``), a student's 4-step LCM without CFG."""
     if mode == MODE_TEACHER:
-        return TEACHER_SAMPLER, TEACHER_STEPS, TEACHER_CFG
+        return TEACHER_SAMPLER, TEACHER_STEPS, float(teacher_cfg)
     if mode in (MODE_STUDENT, MODE_MERGED):
         return "lcm", STUDENT_DEFAULT_STEPS, STUDENT_CFG
     raise InputError(f"unknown model choice {mode!r}; choose one of: {', '.join(MODES)}")
