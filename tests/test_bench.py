@@ -6,25 +6,17 @@ import pytest
 import torch
 
 from anytext2_lcm.cli import main
-from anytext2_lcm.config import tiny
 from anytext2_lcm.evaluate.bench import (COMPONENT_LABELS, BenchConfig, _variant_applied, format_report,
                                          goal_checks, parse_variant, predicted_seconds, run_bench)
 from anytext2_lcm.evaluate.metrics import psnr
 from anytext2_lcm.evaluate.runtime import RuntimeOptions, apply_runtime_options
 from anytext2_lcm.generation import GenerationRequest, Generator
-from anytext2_lcm.models.anytext2 import AnyText2
-from anytext2_lcm.models.init import initialize
+from model_helpers import trained_like_tiny
 
 
 @pytest.fixture(scope="module")
 def model():
-    m = initialize(AnyText2(tiny()), seed=0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    return m.eval()
+    return trained_like_tiny()
 
 
 def req(**kw):

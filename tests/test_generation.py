@@ -9,26 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from anytext2_lcm.config import tiny
 from anytext2_lcm.data.fonts import find_default_font, system_font_files
 from anytext2_lcm.generation import GenerationRequest, Generator, InputError
-from anytext2_lcm.models.anytext2 import AnyText2
-from anytext2_lcm.models.init import initialize
 from anytext2_lcm.pipeline import GuidedDenoiser, encode_branches, pad_contexts
+from model_helpers import trained_like_tiny
 
 BOXES = [[8, 8, 120, 40], [[10, 70], [110, 60], [114, 100], [14, 110]]]
 
 
 @pytest.fixture(scope="module")
 def model():
-    m = initialize(AnyText2(tiny()), seed=0)
-    # non-zero "trained-like" weights so that every input matters
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    return m.eval()
+    return trained_like_tiny()
 
 
 def req(**kw):

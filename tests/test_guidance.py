@@ -7,14 +7,12 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 from anytext2_lcm.config import ConfigError, ModelConfig, preset, tiny
 from anytext2_lcm.defaults import Sampling, teacher_cfg, teacher_sampling
 from anytext2_lcm.evaluate.quality import Student, quality_runs
 from anytext2_lcm.generation import GenerationRequest, Generator, InputError
-from anytext2_lcm.models.anytext2 import AnyText2
-from anytext2_lcm.models.init import initialize
+from model_helpers import trained_like_tiny
 
 
 def test_presets_and_the_shipped_testbed_record_their_guidance():
@@ -49,14 +47,9 @@ def test_a_config_round_trips_its_guidance_and_unknown_fields_name_it():
 
 @pytest.fixture(scope="module")
 def model():
-    m = initialize(AnyText2(tiny()), seed=0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    m = trained_like_tiny()
     m.cfg = dataclasses.replace(m.cfg, guidance_scale=3.0)
-    return m.eval()
+    return m
 
 
 def test_a_request_without_cfg_runs_at_the_models_scale(model):

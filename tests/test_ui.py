@@ -13,13 +13,11 @@ import pytest
 import torch
 
 from anytext2_lcm import lora as L
-from anytext2_lcm.config import tiny
 from anytext2_lcm.data.fonts import FontSpec, system_font_files
 from anytext2_lcm.generation import GenerationRequest, Generator, InputError
-from anytext2_lcm.models.anytext2 import AnyText2
-from anytext2_lcm.models.init import initialize
 from anytext2_lcm.ui import inputs as I
 from anytext2_lcm.ui.engine import Engine
+from model_helpers import trained_like_tiny
 
 S = 128  # image side in these tests
 
@@ -247,16 +245,6 @@ def test_format_seconds():
 # ---------------------------------------------------------------------------------------------------------------
 # Engine: teacher / teacher + LoRA / merged student on one network
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def trained_like_tiny() -> AnyText2:
-    m = initialize(AnyText2(tiny()), seed=0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero weights everywhere (zero-initialised outputs would hide every difference)
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    return m.eval()
 
 
 @pytest.fixture(scope="module")
