@@ -127,3 +127,30 @@ def test_testbed_recipe_end_to_end_and_cache(tmp_path):
     said.clear()
     build_testbed(recipe, tmp_path / "out", report=said.append)
     assert said and not any("building" in m for m in said)
+
+
+def test_a_converted_teachers_config_is_part_of_its_students_stage_key(tmp_path):
+    """Two converted folders with the same weights but a different recorded guidance scale start different stages
+    (a CFG-free student records its teacher's scale, so a cached one must not be reused); the same folder twice
+    gives the same identity."""
+    import shutil
+
+    from anytext2_lcm.checkpoint import save_converted
+    from anytext2_lcm.config import tiny
+    from anytext2_lcm.models.anytext2 import AnyText2
+    from anytext2_lcm.recipes.spec import StageSpec
+    from anytext2_lcm.recipes.stages import RecipeRun, _stage_start
+
+    model = AnyText2(tiny())
+    save_converted(model, tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    doc = json.loads((tmp_path / "b" / "config.json").read_text())
+    doc["model"]["guidance_scale"] = 4.0
+    (tmp_path / "b" / "config.json").write_text(json.dumps(doc))
+    run = RecipeRun(root=tmp_path)
+    ident = {name: _stage_start(run, StageSpec(name="s", start=str(tmp_path / name), data="d", config={}))[1]
+             for name in ("a", "b")}
+    assert ident["a"] != ident["b"]
+    assert ident["a"].split(":config-")[0] == ident["b"].split(":config-")[0]  # the weights are the same
+    again = _stage_start(run, StageSpec(name="s", start=str(tmp_path / "a"), data="d", config={}))[1]
+    assert again == ident["a"]
