@@ -2,8 +2,8 @@
 
 Held-out English and Chinese words (``data.words``: lists the training lines never contain), drawn here from a seed of this test,
 each generated exactly as ``anytext2-lcm generate --model testbed --prompt 'a sign that says "WORD"' --boxes b.json``
-does it (the default model and its defaults: 128 px, 20-step DDIM + its own CFG, 5), in the box the README documents, and
-read back through the same OCR path as ``evaluate``. Thresholds sit well below the held-out figures the README
+does it (the default model and its defaults: 128 px, 20-step DDIM + its own CFG, 5), in the box the README documents,
+and read back through the same OCR path as ``evaluate``. Thresholds sit well below the held-out figures the README
 reports for this teacher, so that the test guards against a broken model or pipeline, not against one unlucky word.
 """
 

@@ -302,6 +302,7 @@ def sample_latent_bank(model: nn.Module, json_paths: list[str], rows: list[int],
         L.load_lora(model, lora, adapter_name=added)
         model.to(device)
     gen = Generator(model)
+    teacher = teacher_sampling(model.cfg)
     latents, masks = [], []
     t0 = time.perf_counter()
     try:
@@ -309,7 +310,7 @@ def sample_latent_bank(model: nn.Module, json_paths: list[str], rows: list[int],
             s = samples[i % len(samples)]
             run = generated_by[i % len(generated_by)]
             k = _generated_run(run)
-            sm = teacher_sampling(model.cfg) if k == 0 else Sampling(student.sampler, k, student.cfg, dict(student.options))
+            sm = teacher if k == 0 else Sampling(student.sampler, k, student.cfg, dict(student.options))
             req = GenerationRequest(
                 prompt=s.caption, text_prompt=text_prompt_for(s.lines), positions=[ln.polygon for ln in s.lines],
                 colors=[ln.color for ln in s.lines], height=size, width=size, seed=seed + i, steps=sm.steps,
