@@ -26,6 +26,23 @@ def test_students_sharing_a_sampling_share_one_control_and_others_get_their_own(
     assert runs["undistilled@1"].sampler == "lcm" and runs["undistilled@1"].cfg == 1.0
 
 
+def test_pcm_students_with_other_phase_counts_share_one_control():
+    # the phase count only validates the step count: 4 and 8 phases visit the same timesteps at k = 1, 2, 4, 8
+    from anytext2_lcm.samplers import make_sampler
+
+    for k in (1, 2, 4, 8):
+        assert make_sampler("pcm", num_phases=4).timesteps(k) == make_sampler("pcm", num_phases=8).timesteps(k)
+    pcm8 = Sampling("pcm", 8, 7.5, {"num_phases": 8, "original_steps": 20})
+    students = [*_students(), Student("pcm-cfgfree-8ph", pcm8)]
+    names = control_names(students)
+    assert names["pcm-cfgfree-8ph"] == names["pcm-cfgfree"] == "undistilled-pcm-cfgfree"
+    # a different CFG is a different control
+    other = Sampling("pcm", 8, 5.0, {"num_phases": 8, "original_steps": 20})
+    assert control_names([*students, Student("x", other)])["x"] == "undistilled-x"
+    runs = [r.name for r in quality_runs(students, [8])]
+    assert runs.count("undistilled-pcm-cfgfree@8") == 1 and "undistilled-pcm-cfgfree-8ph@8" not in runs
+
+
 def _run(name, sen_acc, ned, mse, lines=10):
     return {"name": name, "cfg": 7.5, "steps": 20, "ocr": {"Latin": {"lines": lines, "sen_acc": sen_acc, "ned": ned}},
             "fidelity_to_teacher": None if mse is None else {"latent_mse": mse},

@@ -38,11 +38,14 @@ def control_names(students: Sequence[Student]) -> dict[str, str]:
     """Label → run name (without ``@k``) of that student's undistilled control: the teacher's weights under the
     student's sampling. The first sampling's control is ``undistilled``; a student whose sampling differs from every
     earlier one gets ``undistilled-<its label>``; a student sharing an earlier student's sampling shares its
-    control (LCM and LCM + OCR term, both LCM-sampled without CFG)."""
+    control (LCM and LCM + OCR term, both LCM-sampled without CFG). ``num_phases`` is not part of a sampling's
+    identity here: it only checks the step count (``samplers.PCMSampler``), so PCM students trained with 4 and 8
+    phases visit the same timesteps at every k they share and share one control."""
     names: dict[str, str] = {}
     by_sampling: dict[tuple, str] = {}
     for s in students:
-        key = (s.sampling.sampler, float(s.sampling.cfg), tuple(sorted(s.sampling.options.items())))
+        opts = {k: v for k, v in s.sampling.options.items() if k != "num_phases"}
+        key = (s.sampling.sampler, float(s.sampling.cfg), tuple(sorted(opts.items())))
         if key not in by_sampling:
             by_sampling[key] = "undistilled" if not by_sampling else f"undistilled-{s.label}"
         names[s.label] = by_sampling[key]
