@@ -1,5 +1,6 @@
-"""Does the few-step student keep the teacher's legible text? LCM, PCM and CFG-free PCM students (and LCM with the
-text-aware OCR loss) distilled from the built-in testbed teacher with the same budget, measured in one run.
+"""Does the few-step student keep the teacher's legible text? LCM, PCM and CFG-free PCM students (the last with 4
+phases and, as PCM trains one student per step count, an 8-phase sibling for 8 steps; and LCM with the text-aware
+OCR loss) distilled from the built-in testbed teacher with the same budget, measured in one run.
 
     python benchmarks/text_quality.py [--config configs/text_quality.yaml] [--out outputs/text_quality]
                                       [--cache outputs/text_quality_cache] [--set KEY=VALUE ...]
