@@ -21,7 +21,8 @@ def test_students_sharing_a_sampling_share_one_control_and_others_get_their_own(
     # 1 teacher + 3 students x 2 + ddim x 2 + 2 controls x 2
     assert len(runs) == 1 + 6 + 2 + 4
     ctrl = runs["undistilled-pcm-cfgfree@4"]
-    assert (ctrl.sampler, ctrl.steps, ctrl.cfg, dict(ctrl.options)) == ("pcm", 4, 7.5, PCM_CFG.options)
+    # the control runs the student's sampler and options, less the phase count (the weights were trained with none)
+    assert (ctrl.sampler, ctrl.steps, ctrl.cfg, dict(ctrl.options)) == ("pcm", 4, 7.5, {"original_steps": 20})
     assert not ctrl.lora and not runs["undistilled@1"].lora and runs["pcm-cfgfree@1"].lora
     assert runs["undistilled@1"].sampler == "lcm" and runs["undistilled@1"].cfg == 1.0
 
@@ -41,6 +42,12 @@ def test_pcm_students_with_other_phase_counts_share_one_control():
     assert control_names([*students, Student("x", other)])["x"] == "undistilled-x"
     runs = [r.name for r in quality_runs(students, [8])]
     assert runs.count("undistilled-pcm-cfgfree@8") == 1 and "undistilled-pcm-cfgfree-8ph@8" not in runs
+    # a 3-phase and a 4-phase student evaluated at 3 and 4 steps: the shared control accepts both step counts
+    three = Student("pcm3", Sampling("pcm", 3, 7.5, {"num_phases": 3, "original_steps": 20}))
+    four = Student("pcm4", Sampling("pcm", 4, 7.5, {"num_phases": 4, "original_steps": 20}))
+    for r in quality_runs([three, four], [3, 4]):
+        if r.name.startswith("undistilled"):
+            make_sampler(r.sampler, **dict(r.options)).timesteps(r.steps)  # raises if the step count is refused
 
 
 def _run(name, sen_acc, ned, mse, lines=10):

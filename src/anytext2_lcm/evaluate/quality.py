@@ -34,18 +34,23 @@ class Student:
     adapter: str | None = None
 
 
+def _control_options(sampling: Sampling) -> tuple:
+    """The sampler options of a student's undistilled control: the student's, without ``num_phases``. The phase count
+    only checks which step counts a student accepts (``samplers.PCMSampler``; the visited timesteps do not depend on
+    it), and the undistilled weights were trained with no phases, so their run accepts every k."""
+    return tuple(sorted((k, v) for k, v in sampling.options.items() if k != "num_phases"))
+
+
 def control_names(students: Sequence[Student]) -> dict[str, str]:
     """Label → run name (without ``@k``) of that student's undistilled control: the teacher's weights under the
     student's sampling. The first sampling's control is ``undistilled``; a student whose sampling differs from every
     earlier one gets ``undistilled-<its label>``; a student sharing an earlier student's sampling shares its
     control (LCM and LCM + OCR term, both LCM-sampled without CFG). ``num_phases`` is not part of a sampling's
-    identity here: it only checks the step count (``samplers.PCMSampler``), so PCM students trained with 4 and 8
-    phases visit the same timesteps at every k they share and share one control."""
+    identity here (:func:`_control_options`), so PCM students trained with 4 and 8 phases share one control."""
     names: dict[str, str] = {}
     by_sampling: dict[tuple, str] = {}
     for s in students:
-        opts = {k: v for k, v in s.sampling.options.items() if k != "num_phases"}
-        key = (s.sampling.sampler, float(s.sampling.cfg), tuple(sorted(opts.items())))
+        key = (s.sampling.sampler, float(s.sampling.cfg), _control_options(s.sampling))
         if key not in by_sampling:
             by_sampling[key] = "undistilled" if not by_sampling else f"undistilled-{s.label}"
         names[s.label] = by_sampling[key]
@@ -71,7 +76,7 @@ def quality_runs(students: Sequence[Student], steps: Sequence[int], controls: bo
             if names[s.label] not in done:
                 done.add(names[s.label])
                 runs += [RunSpec(f"{names[s.label]}@{k}", s.sampling.sampler, k, s.sampling.cfg,
-                                 tuple(sorted(s.sampling.options.items()))) for k in steps]
+                                 _control_options(s.sampling)) for k in steps]
     return runs
 
 
