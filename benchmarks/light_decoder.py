@@ -72,12 +72,12 @@ def _digest(obj) -> str:
 
 
 def model_tag(spec: str) -> str:
-    """A short fingerprint of a model's weights, so that cached decoders and generated latents follow the weights,
-    not the name."""
-    from anytext2_lcm.distill.components import teacher_fingerprint
+    """A short fingerprint of a model's weights and configuration, so that cached decoders and generated latents
+    follow the model (its guidance scale included), not the name."""
+    from anytext2_lcm.distill.components import teacher_identity
     from anytext2_lcm.distill.config import ModelSection
 
-    return _digest(teacher_fingerprint(spec, ModelSection()))
+    return _digest(teacher_identity(spec, ModelSection()))
 
 
 def train_decoder(model_spec: str, data: Path, size: int, args, folder: Path) -> Path:

@@ -2,10 +2,10 @@
 
     python benchmarks/testbed_line_size.py [--model testbed] [--num 24] [--sizes 0.08,0.1,0.12,0.14,0.18,0.22]
 
-For each font size (a fraction of the 128 px side) the testbed's held-out data recipe (``configs/testbed.yaml``:
-words never in training, plain/gradient/paper backgrounds) is drawn with that size only, and the teacher generates
-every sample (20-step DDIM + the model's CFG) into the recorded line boxes. Printed: the median line-box height in
-pixels, the OCR of the dataset's own images (the ceiling at that size) and of the teacher's images (Sen.ACC / NED, Latin and
+For each font size (a fraction of the 128 px side) the testbed's held-out data recipe (``configs/testbed.yaml``: words
+never in training, plain/gradient/paper backgrounds) is drawn with that size only, and the teacher generates every
+sample (20-step DDIM + the model's CFG) into the recorded line boxes. Printed: the median line-box height in pixels, the
+OCR of the dataset's own images (the ceiling at that size) and of the teacher's images (Sen.ACC / NED, Latin and
 Chinese). Prints a Markdown table and writes OUT/line_size.json.
 """
 

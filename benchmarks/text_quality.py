@@ -7,11 +7,11 @@ OCR loss) distilled from the built-in testbed teacher with the same budget, meas
 
 The students are the stages of the recipe (``anytext2_lcm.recipes``), cached under a key of their settings, data and
 training code, so a second run only re-evaluates (minutes). The evaluation is one ``evaluate`` call on the held-out
-words (never in the training lines): the teacher (20-step DDIM + the testbed's CFG 5), every student at every step
-count with its recorded sampling (and the extra samplers the recipe lists, e.g. TCD for the LCM student), the teacher's own
-DDIM at those step counts and the undistilled weights under each student's sampling (its control), all from the
-same seeds and x_T. Printed and written to OUT/report.md and OUT/results.json: Sen.ACC / NED and their retention
-(student ÷ teacher), the latent MSE to the teacher's output and its ratio to the teacher's own k-step DDIM and to the
+words (never in the training lines): the teacher (20-step DDIM + the testbed's CFG 5), every student at every step count
+with its recorded sampling (and the extra samplers the recipe lists, e.g. TCD for the LCM student), the teacher's own
+DDIM at those step counts and the undistilled weights under each student's sampling (its control), all from the same
+seeds and x_T. Printed and written to OUT/report.md and OUT/results.json: Sen.ACC / NED and their retention (student ÷
+teacher), the latent MSE to the teacher's output and its ratio to the teacher's own k-step DDIM and to the
 student's undistilled control, seconds per image.
 """
 

@@ -154,3 +154,16 @@ def test_a_converted_teachers_config_is_part_of_its_students_stage_key(tmp_path)
     assert ident["a"].split(":config-")[0] == ident["b"].split(":config-")[0]  # the weights are the same
     again = _stage_start(run, StageSpec(name="s", start=str(tmp_path / "a"), data="d", config={}))[1]
     assert again == ident["a"]
+    # the light decoder's generated-latent bank (sampled at the teacher's own scale) follows the configuration too
+    from types import SimpleNamespace as NS
+
+    from anytext2_lcm.distill.config import ModelSection
+    from anytext2_lcm.distill.decoder import _bank_settings
+
+    def bank(name):
+        cfg = NS(decoder_training=NS(generated=8, generated_by=["teacher"], generated_lora=None),
+                 data=NS(json_paths=["d.json"], image_size=64), model=ModelSection(teacher=str(tmp_path / name)),
+                 train=NS(seed=0))
+        return _bank_settings(cfg, 0, 1)
+
+    assert bank("a") != bank("b") and bank("a") == bank("a")

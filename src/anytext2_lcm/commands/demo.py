@@ -20,8 +20,9 @@ def _demo(args) -> int:
 
     Makes synthetic data, distils an LCM-LoRA student from the built-in testbed teacher with the project's trainer,
     generates held-out words with the teacher (20 steps + the model's CFG, 5), the student (1/2/4/8 steps), the
-    teacher's own DDIM and the undistilled weights at those step counts from the same seeds, reads every line with the offline OCR
-    and writes OUT/grid.png, OUT/loss.png, OUT/report.md and OUT/report.json. Without --cache everything is rebuilt.
+    teacher's own DDIM and the undistilled weights at those step counts from the same seeds, reads every line with the
+    offline OCR and writes OUT/grid.png, OUT/loss.png, OUT/report.md and OUT/report.json. Without --cache everything is
+    rebuilt.
     """
     from ..recipes.demo import eval_section, run_demo
     from ..recipes.spec import load_recipe

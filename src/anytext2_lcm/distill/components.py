@@ -13,7 +13,7 @@ import threading
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, is_converted
+from ..checkpoint import CheckpointError, is_converted, read_converted_config
 from ..factory import build_model, resolve_path
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,19 @@ def teacher_fingerprint(path: str | None, model_section) -> str:
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
     return "sha256:" + h.hexdigest()
+
+
+def teacher_identity(path: str | None, model_section) -> str:
+    """Identity of a teacher for caches of what it generates (recipe stages, generated-latent banks, light decoders):
+    :func:`teacher_fingerprint` plus, for a converted folder, a hash of its model configuration. Settings such as
+    ``guidance_scale`` live only in ``config.json`` and change what the teacher generates and what a student records,
+    while a resumed training run only needs the same weights (:func:`teacher_fingerprint`)."""
+    ident = teacher_fingerprint(path, model_section)
+    p = resolve_path(path) if path is not None else None
+    if p is not None and is_converted(p):
+        doc = json.dumps(read_converted_config(p).to_dict(), sort_keys=True)
+        ident += ":config-" + hashlib.sha256(doc.encode()).hexdigest()[:16]
+    return ident
 
 
 def build_teacher(section) -> nn.Module:

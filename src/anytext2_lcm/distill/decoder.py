@@ -214,13 +214,14 @@ BANK_FORMAT = "anytext2-lcm generated latents"
 
 
 def _bank_settings(cfg, rank: int, world: int) -> dict:
-    """What the bank depends on (its file is re-sampled when any of it changes): the model by its weights' hashes."""
-    from .components import teacher_fingerprint
+    """What the bank depends on (its file is re-sampled when any of it changes): the model by its weights' hashes and
+    configuration (its guidance scale sets the teacher's runs)."""
+    from .components import teacher_identity
 
     d = cfg.decoder_training
     return {"format": BANK_FORMAT, "generated": d.generated, "generated_by": list(d.generated_by),
             "generated_lora": d.generated_lora, "data": list(cfg.data.json_paths), "image_size": cfg.data.image_size,
-            "model": teacher_fingerprint(cfg.model.teacher, cfg.model), "seed": cfg.train.seed, "rank": rank,
+            "model": teacher_identity(cfg.model.teacher, cfg.model), "seed": cfg.train.seed, "rank": rank,
             "world": world}
 
 

@@ -131,24 +131,16 @@ def train_stage(cfg, name: str, report: Callable[[str], None]) -> dict:
 
 
 def _stage_start(run: RecipeRun, stage: StageSpec) -> tuple[str | None, str]:
-    """(model.teacher value, its identity for the cache key). A shipped or converted teacher is identified by its
-    weights (``teacher_fingerprint``) and its model configuration: settings such as ``guidance_scale`` live only in
-    ``config.json`` and still shape what a stage writes (a CFG-free student records its teacher's scale)."""
-    from ..checkpoint import is_converted, read_converted_config
-    from ..distill.components import teacher_fingerprint
+    """(model.teacher value, its identity for the cache key): an earlier stage's folder name, or a shipped or
+    converted teacher's weights and model configuration (``distill.components.teacher_identity``)."""
+    from ..distill.components import teacher_identity
     from ..distill.config import ModelSection
-    from ..factory import resolve_path
 
     if stage.start is None:
         return None, "random"
     if stage.start in run.stages:
         return str(run.model(stage.start)), run.stages[stage.start].path.name
-    ident = teacher_fingerprint(stage.start, ModelSection())
-    path = resolve_path(stage.start)
-    if path is not None and is_converted(path):
-        doc = json.dumps(read_converted_config(path).to_dict(), sort_keys=True)
-        ident += ":config-" + hashlib.sha256(doc.encode()).hexdigest()[:16]
-    return stage.start, ident
+    return stage.start, teacher_identity(stage.start, ModelSection())
 
 
 def run_recipe(recipe: Recipe, root: str | Path, fresh: bool = False, only: tuple[str, ...] | None = None,

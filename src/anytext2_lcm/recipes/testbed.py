@@ -13,12 +13,12 @@ real words the training generator never produces, ``data.words``), then the stag
 
 The last stage's model is the result: its final weights, or with ``ship.average_checkpoints: [steps]`` the uniform
 average of its checkpoints at those steps (``distill.checkpoints.average_checkpoints``; the window is chosen on a
-validation set, never on the held-out lines). It is measured on the held-out lines (teacher: 20-step DDIM + the
-model's CFG; the dataset's own images and the VAE's reconstructions as reference rows) into ``OUT/report.md`` / ``report.json``,
-and written as a converted folder in the ``ship.dtype`` precision to ``OUT/model``; ``install`` also replaces the weights
-inside the package (``factory.shipped_weights("testbed")``). The installed folder holds no light decoder: the one
-shipped beside the previous weights learnt that model's own generated latents, so it is dropped (and the command says
-so) rather than paired with weights it was never measured on; ``benchmarks/light_decoder.py`` trains and measures a
+validation set, never on the held-out lines). It is measured on the held-out lines (teacher: 20-step DDIM + the model's
+CFG; the dataset's own images and the VAE's reconstructions as reference rows) into ``OUT/report.md`` / ``report.json``,
+and written as a converted folder in the ``ship.dtype`` precision to ``OUT/model``; ``install`` also replaces the
+weights inside the package (``factory.shipped_weights("testbed")``). The installed folder holds no light decoder: the
+one shipped beside the previous weights learnt that model's own generated latents, so it is dropped (and the command
+says so) rather than paired with weights it was never measured on; ``benchmarks/light_decoder.py`` trains and measures a
 new one.
 """
 
