@@ -207,6 +207,115 @@ def test_guided_pcm_step_matches_hand_math(data, tmp_path, monkeypatch):
     assert out.loss.requires_grad and math.isfinite(float(out.loss.detach()))
 
 
+def test_guided_student_step_matches_hand_math(data, tmp_path, monkeypatch):
+    """``pcm.guided_student``: the student and the target are the adapter-on network's own CFG combination at the
+    sample's w (both branches, one 2B UNet call each), jumped to the phase edge; the teacher's step is the guided
+    one of the default PCM."""
+    B = 3
+    cfg = make_config(data, tmp_path, "method=pcm", f"train.batch_size={B}", "pcm.guided_student=true")
+    model, method = pcm_student(cfg)
+    batch, tb = a_batch(cfg, model)
+    force_indices(monkeypatch, method, [30, 25, 49])  # inside a phase, on an edge, the top phase
+    calls = []
+    hook = model.unet.register_forward_pre_hook(lambda m, a: calls.append((a[0].shape[0], torch.is_grad_enabled())))
+    out = method.step(DenoiserNet(model), model, tb)
+    out.loss.backward()
+    hook.remove()
+    # Student (2B, grad), teacher (2B), target (2B): three UNet calls, each over both branches.
+    assert sorted(calls) == [(2 * B, False), (2 * B, False), (2 * B, True)]
+    assert any(float(p.grad.abs().max()) > 0 for n, p in model.named_parameters() if "lora_A" in n)
+    T = out.tensors
+    a = model.alphas_cumprod.float()
+    col = lambda v: v.view(B, 1, 1, 1)  # noqa: E731
+    x0 = lambda e, x, tt: (x - col((1 - a[tt]).sqrt()) * e) / col(a[tt].sqrt())  # noqa: E731
+    jump = lambda e, x, tt, te: col(a[te].sqrt()) * x0(e, x, tt) + col((1 - a[te]).sqrt()) * e  # noqa: E731
+    x_t, t, s, w, edge = T["x_t"], T["start"], T["end"], col(T["w"]), T["edge"]
+    ti = tb.text_info
+    with torch.no_grad():
+        with disable_adapters(model):
+            lines = model.line_embeddings(ti)
+            c = model.encode_conditions([cap + ", " + DEFAULT_A_PROMPT for cap in batch["img_caption"]],
+                                        batch["text_caption"], lines)
+            u = model.encode_conditions([DEFAULT_N_PROMPT] * B, [""] * B, lines)
+            ctrl_c, ctrl_u = model.control(c.text_context, ti), model.control(u.text_context, ti)
+            teacher = [model.denoise(x_t, t, c.image_context, ctrl_c), model.denoise(x_t, t, u.image_context, ctrl_u)]
+        guided = lambda x, tt: ((1 + w) * model.denoise(x, tt, c.image_context, ctrl_c)  # noqa: E731
+                                - w * model.denoise(x, tt, u.image_context, ctrl_u))
+        e_s, e_t = guided(x_t, t), guided(T["x_prev"], s)  # adapter on
+    g_eps = (1 + w) * teacher[0] - w * teacher[1]
+    torch.testing.assert_close(T["x_prev"], jump(g_eps, x_t, t, s), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(T["student"], jump(e_s, x_t, t, edge), rtol=1e-4, atol=1e-4)
+    hand = jump(e_t, T["x_prev"], s, edge)
+    hand[1] = T["x_prev"][1]  # index 25 is an edge index: the target is the teacher's step itself
+    torch.testing.assert_close(T["target"], hand, rtol=1e-4, atol=1e-4)
+    # With the adapter at zero the student is exactly the teacher's guided jump to the edge: the phased DDIM with
+    # CFG that the undistilled control samples with (same seed: same draws).
+    model0, method0 = pcm_student(cfg, lora_b_std=0.0)
+    _, tb0 = a_batch(cfg, model0)
+    force_indices(monkeypatch, method0, [30, 25, 49])
+    with torch.no_grad():
+        out0 = method0.step(DenoiserNet(model0), model0, tb0)
+    assert torch.equal(out0.tensors["x_t"], x_t)
+    torch.testing.assert_close(out0.tensors["student"], jump(g_eps, x_t, t, edge), rtol=1e-4, atol=1e-4)
+
+
+def test_guided_student_with_a_writenet_lora(data, tmp_path):
+    """With a LoRA in the WriteNet the guided student computes both branches' residuals with its adapter and with
+    grad (inside the one DDP forward), the target without grad; the zero-conv LoRA gets a gradient."""
+    B = 2
+    cfg = make_config(data, tmp_path, "method=pcm", f"train.batch_size={B}", "pcm.guided_student=true",
+                      "lora.zero_convs=true")
+    model, method = pcm_student(cfg, lora_b_std=0.2)
+    batch, tb = a_batch(cfg, model)
+    calls = []
+    hook = model.control_model.register_forward_pre_hook(lambda m, a: calls.append((a[0].shape[0],
+                                                                                    torch.is_grad_enabled())))
+    out = method.step(DenoiserNet(model), model, tb)
+    out.loss.backward()
+    hook.remove()
+    # Teacher residuals (cond + uncond batched, adapters off), the student's cond and uncond (grad), the target's.
+    assert calls == [(2 * B, False), (B, True), (B, True), (B, False), (B, False)]
+    zc = [p for n, p in model.named_parameters() if "zero_convs" in n and "lora_" in n]
+    assert zc and any(float(p.grad.abs().max()) > 0 for p in zc)
+    T = out.tensors
+    a = model.alphas_cumprod.float()
+    col = lambda v: v.view(B, 1, 1, 1)  # noqa: E731
+    x_t, t, w, e = T["x_t"], T["start"], col(T["w"]), T["edge"]
+    with torch.no_grad():
+        with disable_adapters(model):
+            lines = model.line_embeddings(tb.text_info)
+            c = model.encode_conditions([cap + ", " + DEFAULT_A_PROMPT for cap in batch["img_caption"]],
+                                        batch["text_caption"], lines)
+            u = model.encode_conditions([DEFAULT_N_PROMPT] * B, [""] * B, lines)
+        eps = ((1 + w) * model.denoise(x_t, t, c.image_context, model.control(c.text_context, tb.text_info))
+               - w * model.denoise(x_t, t, u.image_context, model.control(u.text_context, tb.text_info)))
+    x0 = (x_t - col((1 - a[t]).sqrt()) * eps) / col(a[t].sqrt())
+    torch.testing.assert_close(T["student"], col(a[e].sqrt()) * x0 + col((1 - a[e]).sqrt()) * eps,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_guided_student_config_and_adapter(data, tmp_path, capsys):
+    """A guided student needs the guided teacher (one-line error naming the field); its adapter records real CFG
+    at the teacher's own scale when the training band holds it, else the band's midpoint."""
+    from anytext2_lcm.config import ConfigError
+    from anytext2_lcm.defaults import trained_cfg
+    from anytext2_lcm.distill.trainer import train
+    from anytext2_lcm.lora import adapter_info
+
+    with pytest.raises(ConfigError, match=r"^pcm\.guided_student"):
+        make_config(data, tmp_path / "bad", "method=pcm", "pcm.guided_student=true", "pcm.cfg_free_teacher=true")
+    assert trained_cfg((4.5, 5.5), 5.0) == 5.0
+    assert trained_cfg((7.0, 8.0), 5.0) == 7.5
+    assert trained_cfg((7.0, 8.0), 7.0) == 7.0
+    result = train(make_config(data, tmp_path / "run", "method=pcm", "pcm.guided_student=true", "train.max_steps=1",
+                               "distill.guidance_scale_range=[3.0,4.0]"))
+    assert result.exit_code == 0 and all(math.isfinite(v) for _, v in result.losses)
+    info = adapter_info(tmp_path / "run" / "adapter")
+    # The tiny preset's own scale (AnyText2's 7.5) is outside [3, 4]: the midpoint.
+    assert info["sampling"]["sampler"] == "pcm" and info["sampling"]["cfg"] == 3.5
+    assert _adapter_metadata(tmp_path / "run" / "adapter.safetensors")["guided_student"] == "true"
+
+
 def test_cfg_free_teacher_cond_branch_only_and_empty_prompts(data, tmp_path, monkeypatch):
     import anytext2_lcm.distill.pcm as pcm_mod
 

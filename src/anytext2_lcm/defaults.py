@@ -69,21 +69,31 @@ def teacher_sampling(model_cfg=None) -> Sampling:
 
 
 def student_sampling(method: str, num_phases: int = 4, convention: str = "inference", original_steps: int = 50,
-                     cfg_free_teacher: bool = False, cfg: float = TEACHER_CFG) -> Sampling:
+                     with_cfg: bool = False, cfg: float = TEACHER_CFG) -> Sampling:
     """The recommended sampling of a student distilled with ``method``.
 
     * ``lcm``: the LCM multistep sampler, 4 steps, no CFG (the teacher's guidance is distilled in);
     * ``pcm``: the deterministic phased sampler over the student's own phase edges, ``num_phases`` steps; no CFG
-      when the teacher was guided, real CFG ``cfg`` (the teacher's own scale, :func:`teacher_cfg`; with the negative
-      prompt) when it was CFG-free.
+      when the guidance was distilled in, real CFG ``cfg`` (with the negative prompt) when ``with_cfg``: a student of
+      a CFG-free teacher (``cfg`` = the teacher's own scale, :func:`teacher_cfg`) or a guided student
+      (``pcm.guided_student``; ``cfg`` = :func:`trained_cfg`).
     """
     if method == "lcm":
         return Sampling("lcm", STUDENT_DEFAULT_STEPS, 1.0, {"original_steps": original_steps})
     if method == "pcm":
-        return Sampling("pcm", num_phases, float(cfg) if cfg_free_teacher else 1.0,
+        return Sampling("pcm", num_phases, float(cfg) if with_cfg else 1.0,
                         {"num_phases": num_phases, "convention": convention, "original_steps": original_steps})
     raise ValueError(f"no student sampling for method {method!r} (lcm or pcm)")
 
 
+def trained_cfg(scale_range: tuple[float, float], teacher_scale: float) -> float:
+    """The CFG scale to sample a student with that was trained through CFG at scales drawn from ``scale_range``
+    (Imagen form, ``distill.guidance_scale_range``): the teacher's own scale when the range holds it, else the
+    range's midpoint (a student is only trained for scales inside its range)."""
+    lo, hi = float(scale_range[0]), float(scale_range[1])
+    return float(teacher_scale) if lo <= teacher_scale <= hi else (lo + hi) / 2
+
+
 __all__ = ["DEFAULT_A_PROMPT", "DEFAULT_N_PROMPT", "STUDENT_DEFAULT_STEPS", "STUDENT_STEPS", "Sampling", "TEACHER",
-           "TEACHER_CFG", "TEACHER_SAMPLER", "TEACHER_STEPS", "student_sampling", "teacher_cfg", "teacher_sampling"]
+           "TEACHER_CFG", "TEACHER_SAMPLER", "TEACHER_STEPS", "student_sampling", "teacher_cfg", "teacher_sampling",
+           "trained_cfg"]

@@ -10,7 +10,8 @@ complete examples)::
     data:       {json_paths: [...], image_size: 512, ...}   # anytext2_lcm.data.anyword.DataConfig
     lora:       {rank: 64, alpha: 64, targets: lcm}         # anytext2_lcm.lora.LoraSpec
     distill:    {guidance_scale_range: [7.0, 8.0], loss: huber, huber_c: 0.001, ...}
-    pcm:        {num_phases: 4, convention: inference, cfg_free_teacher: false, empty_prompt_fraction: 0.1}
+    pcm:        {num_phases: 4, convention: inference, cfg_free_teacher: false, empty_prompt_fraction: 0.1,
+                 guided_student: false}
     teacher_training: {trainable: [writenet, embedding_manager, attnx]}
     decoder_training: {channels: 64, crop: 256, text_loss_weight: 4.0}   # method: decoder (train-decoder)
     optim:      {learning_rate: 1.0e-4, lr_scheduler: constant, lr_warmup_steps: 500, ...}
@@ -178,6 +179,12 @@ class PCMSection:
     empty_image_prompt: str = ""
     """Image prompt of a sample whose prompts were emptied ("" as the official code; the negative prompt you sample
     with trains that exact uncond branch instead)."""
+    guided_student: bool = False
+    """true (with the guided teacher): the student and its target are the CFG combination of the adapter-on
+    network's cond and uncond branches at the teacher's drawn scale, so the student is trained as it is sampled —
+    with real CFG (the teacher's own scale when ``distill.guidance_scale_range`` holds it, else the range's
+    midpoint) and the negative prompt — and starts, at adapter zero, from the teacher's phased DDIM with CFG.
+    Two student passes per sample. Not in the PCM paper; compared in ``benchmarks/text_quality.py``."""
 
     def __post_init__(self) -> None:
         _check(_is_int(self.num_phases) and 1 <= self.num_phases, "pcm.num_phases", self.num_phases,
@@ -190,6 +197,10 @@ class PCMSection:
                "pcm.empty_prompt_fraction", self.empty_prompt_fraction, "must lie in [0, 1]")
         _check(isinstance(self.empty_image_prompt, str), "pcm.empty_image_prompt", self.empty_image_prompt,
                "must be a string")
+        _check(isinstance(self.guided_student, bool), "pcm.guided_student", self.guided_student,
+               "must be true or false")
+        _check(not (self.guided_student and self.cfg_free_teacher), "pcm.guided_student", self.guided_student,
+               "needs the guided teacher (pcm.cfg_free_teacher: false)")
 
 
 @dataclass(kw_only=True)

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..defaults import student_sampling
 from ..lora import LoraSpec, apply_lora, disable_adapters, lora_layers, save_lora
-from ..pipeline import Branches, GuidedDenoiser, branch_prompts, encode_branches
+from ..pipeline import Branches, GuidedDenoiser, branch_prompts, encode_branches, pad_contexts
 from ..samplers.schedule import NoiseSchedule
 from .batch import Method, StepOutput, TrainBatch, randn_per_sample, text_weight_map
 from .losses import huber_loss, l2_loss
@@ -42,7 +42,9 @@ class DenoiserNet(nn.Module):
 
     ``forward(x, t, image_context, control)`` → ε (B, 4, h, w). With ``control=None`` the WriteNet residuals are
     computed inside (from ``text_context`` and ``text_info``), so that a LoRA in the WriteNet gets its gradient
-    through the same DDP call.
+    through the same DDP call. ``text_context`` may be a tuple of per-branch contexts (cond, uncond) over the same
+    ``text_info``: their residuals are concatenated along the batch, for a 2B call of both CFG branches
+    (``context_mask`` then masks the padded image contexts, as in :class:`~anytext2_lcm.pipeline.GuidedDenoiser`).
     """
 
     def __init__(self, model: nn.Module):
@@ -50,10 +52,14 @@ class DenoiserNet(nn.Module):
         self.model = model
 
     def forward(self, x, t, image_context, control=None, text_context=None, text_info=None, strength=1.0,
-                attnx_scale=1.0):
+                attnx_scale=1.0, context_mask=None):
         if control is None:
-            control = self.model.control(text_context, text_info)
-        return self.model.denoise(x, t, image_context, control, strength, attnx_scale)
+            if isinstance(text_context, (tuple, list)):
+                parts = [self.model.control(c, text_info) for c in text_context]
+                control = [torch.cat(r) for r in zip(*parts)]
+            else:
+                control = self.model.control(text_context, text_info)
+        return self.model.denoise(x, t, image_context, control, strength, attnx_scale, context_mask)
 
 
 @dataclass
@@ -130,6 +136,38 @@ def target_eps(model: nn.Module, cond: DistillConditions, tb: TrainBatch, x: tor
     if control is None:
         control = model.control(cond.teacher.cond.text_context, tb.text_info)
     return model.denoise(x, t, cond.teacher.cond.image_context, control, strength, attnx_scale)
+
+
+def student_eps_pair(net: nn.Module, cond: DistillConditions, tb: TrainBatch, x_t: torch.Tensor, t: torch.Tensor,
+                     strength: float, attnx_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ε_c, ε_u) of the online student with grad, both CFG branches in one 2B call through ``net`` (one DDP
+    forward). Needs the uncond branch in ``cond.teacher``; with a WriteNet LoRA the residuals of both branches are
+    computed inside ``net`` with the adapter."""
+    br = cond.teacher
+    context, mask = pad_contexts([br.cond.image_context, br.uncond.image_context])
+    x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
+    if cond.student_control is not None:
+        control = [torch.cat([c, u]) for c, u in zip(cond.student_control, br.control_uncond)]
+        eps = net(x2, t2, context, control, strength=strength, attnx_scale=attnx_scale, context_mask=mask)
+    else:
+        eps = net(x2, t2, context, None, (br.cond.text_context, br.uncond.text_context), tb.text_info, strength,
+                  attnx_scale, mask)
+    B = x_t.shape[0]
+    return eps[:B], eps[B:]
+
+
+@torch.no_grad()
+def target_eps_pair(model: nn.Module, cond: DistillConditions, tb: TrainBatch, x: torch.Tensor, t: torch.Tensor,
+                    strength: float, attnx_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ε_c, ε_u) of the same student without grad (adapters on), both branches in one batched call."""
+    br = cond.teacher
+    if cond.student_control is not None:
+        controls = cond.student_control, br.control_uncond
+    else:
+        controls = (model.control(br.cond.text_context, tb.text_info),
+                    model.control(br.uncond.text_context, tb.text_info))
+    student = Branches(br.cond, controls[0], br.uncond, controls[1])
+    return GuidedDenoiser(model, student, 1.0, strength, attnx_scale).split(x, t)
 
 
 @torch.no_grad()

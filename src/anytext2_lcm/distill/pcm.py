@@ -18,6 +18,14 @@ grid, the per-sample draws, pseudo-Huber — is shared):
   ``--proportion_empty_prompts``): the teacher's solver step uses the cond branch alone (no uncond pass, w unused)
   and a fraction of samples get empty prompts for all three passes. The student then follows the teacher's unguided
   ODE for both prompted and empty inputs, and is sampled with real CFG and negative prompts.
+* **Guided student** (optional, ``pcm.guided_student``; not in the paper): the teacher is guided as by default, and
+  the student and the target are the CFG combination of the adapter-on network's own cond and uncond branches at the
+  same w (one 2B call each). The student is then sampled with real CFG at that scale and is trained exactly as it
+  is sampled: its phase jumps are those of the guided ODE that the teacher's many-step sampler follows. With the
+  adapter at zero it *is* the teacher's phased DDIM with CFG (the undistilled control), so training starts from
+  that control instead of from the unguided network; the CFG-free student, in contrast, learns each branch's
+  unguided ODE and is combined only at sampling, which is not the map it learnt. Costs two student passes per
+  sample (the teacher's guided step already runs both branches).
 
 The adversarial consistency term of the paper (§3.4) is not implemented; ``docs/methods.md`` discusses whether it
 would pay off here.
@@ -31,13 +39,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..defaults import student_sampling, teacher_cfg
+from ..defaults import student_sampling, teacher_cfg, trained_cfg
 from ..lora import disable_adapters, save_lora
 from ..pipeline import GuidedDenoiser, branch_prompts, encode_branches
 from ..samplers.schedule import NoiseSchedule
 from .batch import StepOutput, TrainBatch
-from .lcm import DistillConditions, LCMMethod, distance, draw_step, guided_teacher, student_eps, target_eps
-from .solver import DDIMSolver, pcm_phase_edges, pcm_target, predicted_original_sample
+from .lcm import (DistillConditions, LCMMethod, distance, draw_step, guided_teacher, student_eps, student_eps_pair,
+                  target_eps, target_eps_pair)
+from .solver import DDIMSolver, lcm_guidance, pcm_phase_edges, pcm_target, predicted_original_sample
 
 __all__ = ["PCMMethod", "draw_empty_prompts", "pcm_conditions", "pcm_step"]
 
@@ -73,7 +82,7 @@ def pcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, solver: DDIMSolve
              empty_prompt_fraction: float = 0.0, empty_image_prompt: str = "", a_prompt: str = "",
              n_prompt: str = "", writenet_lora: bool = False, loss_type: str = "huber", huber_c: float = 0.001,
              text_loss_weight: float = 0.0, strength: float = 1.0, attnx_scale: float = 1.0,
-             x0_term=None) -> StepOutput:
+             x0_term=None, guided_student: bool = False) -> StepOutput:
     """One PCM consistency-distillation loss (B samples, latents (B, 4, h, w)).
 
     Args:
@@ -85,11 +94,15 @@ def pcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, solver: DDIMSolve
         edges: (M,) ascending phase-edge indices (:func:`~.solver.pcm_phase_edges`).
         guidance_scale_range: Imagen-form CFG scale range of the guided teacher (unused with ``cfg_free``).
         cfg_free: CFG-free teacher with empty prompts at ``empty_prompt_fraction``.
+        guided_student: the student's and the target's ε are the LCM-form CFG combination (1 + w)·ε_c − w·ε_u of the
+            adapter-on network at the sample's w (needs the guided teacher: ``cfg_free`` False).
         x0_term: as in :func:`~.lcm.lcm_step`, called with the student's x̂0 at t_{n+k} (with grad) and the
             teacher's x̂0 there (twice: PCM's target is a phase edge, not an x̂0).
     Returns:
         ``StepOutput``; ``tensors``: index, start, end, edge, w, empty, x_t, student, x_prev, target_jump, target.
     """
+    if guided_student and cfg_free:
+        raise ValueError("pcm.guided_student needs the guided teacher (pcm.cfg_free_teacher: false)")
     # 1. The draws of LCM (same generators, same order), then, CFG-free, whether the prompts are emptied.
     d = draw_step(tb, solver, guidance_scale_range)
     empty = draw_empty_prompts(tb.gens, empty_prompt_fraction if cfg_free else 0.0)
@@ -98,8 +111,13 @@ def pcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, solver: DDIMSolve
     # 2. Forward diffusion to t_{n+k}.
     x_t = schedule.add_noise(tb.latents, d.noise, d.start)
 
-    # 3. Online student with grad, c_skip = 0 / c_out = 1: its DDIM jump from t_{n+k} to the lower edge of i's phase.
-    eps = student_eps(net, cond, tb, x_t, d.start, strength, attnx_scale)
+    # 3. Online student with grad, c_skip = 0 / c_out = 1: its DDIM jump from t_{n+k} to the lower edge of i's phase
+    #    (guided student: of its own CFG combination at w, both branches in one call).
+    if guided_student:
+        eps = lcm_guidance(*(e.float() for e in student_eps_pair(net, cond, tb, x_t, d.start, strength,
+                                                                 attnx_scale)), d.w)
+    else:
+        eps = student_eps(net, cond, tb, x_t, d.start, strength, attnx_scale)
     student_x0 = predicted_original_sample(eps, x_t, d.start, schedule)
     student, edge_t = solver.phase_jump(student_x0, eps, d.index, edges)
 
@@ -116,7 +134,11 @@ def pcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, solver: DDIMSolve
 
         # 5. Target: the no-grad student at (x_prev, t_n) jumped to the same edge, or x_prev itself where i is an
         #    edge index (the teacher's step already landed on the edge).
-        eps_t = target_eps(model, cond, tb, x_prev, d.end, strength, attnx_scale)
+        if guided_student:
+            eps_t = lcm_guidance(*(e.float() for e in target_eps_pair(model, cond, tb, x_prev, d.end, strength,
+                                                                      attnx_scale)), d.w)
+        else:
+            eps_t = target_eps(model, cond, tb, x_prev, d.end, strength, attnx_scale)
         target_jump, _ = solver.phase_jump(predicted_original_sample(eps_t, x_prev, d.end, schedule), eps_t, d.index,
                                            edges)
         target = pcm_target(x_prev, target_jump, d.index, edges)
@@ -154,16 +176,19 @@ class PCMMethod(LCMMethod):
         return pcm_step(net, model, tb, self.solver, self.schedule, self.edges, d.guidance_scale_range,
                         p.cfg_free_teacher, p.empty_prompt_fraction, p.empty_image_prompt, d.a_prompt, d.n_prompt,
                         self.writenet_lora, d.loss, d.huber_c, d.text_loss_weight, d.control_strength,
-                        d.attnx_scale, self.x0_term(model, tb))
+                        d.attnx_scale, self.x0_term(model, tb), p.guided_student)
 
     def save_results(self, model: nn.Module, output_dir: Path) -> list[Path]:
         name = self.cfg.lora.adapter_name
         p, n = self.cfg.pcm, self.cfg.distill.num_ddim_timesteps
-        # How to sample this adapter (generate / evaluate / the UI read it when no sampler is given); a student of a
-        # CFG-free teacher is guided with the teacher model's own scale.
-        sampling = student_sampling("pcm", p.num_phases, p.convention, n, p.cfg_free_teacher, teacher_cfg(model.cfg))
+        # How to sample this adapter (generate / evaluate / the UI read it when no sampler is given): a student of a
+        # CFG-free teacher is guided with the teacher model's own scale, a guided student with the scale it learnt.
+        r = self.cfg.distill.guidance_scale_range
+        cfg = trained_cfg(r, teacher_cfg(model.cfg)) if p.guided_student else teacher_cfg(model.cfg)
+        sampling = student_sampling("pcm", p.num_phases, p.convention, n, p.cfg_free_teacher or p.guided_student, cfg)
         meta = {"method": self.name, "num_phases": str(p.num_phases), "convention": p.convention,
                 "num_ddim_timesteps": str(n), "cfg_free_teacher": str(p.cfg_free_teacher).lower(),
+                "guided_student": str(p.guided_student).lower(),
                 "guidance_scale_range": json.dumps(list(self.cfg.distill.guidance_scale_range)),
                 "sampling": json.dumps(sampling.to_dict())}
         return [save_lora(model, output_dir / "adapter", name, metadata=meta),
