@@ -77,8 +77,9 @@ def main(argv=None) -> int:
     students = students_of(recipe, run)
     runs = quality_runs([s for s, _ in students], ev["steps"])
     torch.set_num_threads(recipe.threads)
+    prompts = {k: ev[k] for k in ("a_prompt", "n_prompt") if k in ev}  # else the runner's (AnyText's benchmark)
     cfg = EvalConfig(data=(str(run.json(ev.get("dataset", "heldout"))),), num=ev.get("num"), seed=ev.get("seed", 100),
-                     save_student_images=False)
+                     save_student_images=False, **prompts)
     out = Path(args.out)
     res = evaluate(model, cfg, out, runs=runs, progress=False)
     labels = [s.label for s, _ in students]

@@ -355,7 +355,8 @@ def test_cfg_free_teacher_cond_branch_only_and_empty_prompts(data, tmp_path, mon
         empty = out.tensors["empty"].tolist()
         for b in range(B):
             if empty[b]:
-                assert (img[b], txt[b]) == ("", "")
+                # by default the negative prompt the student is sampled with (distill.n_prompt), no text prompt
+                assert (img[b], txt[b]) == (DEFAULT_N_PROMPT, "")
             else:
                 assert img[b] == batch["img_caption"][b] + ", " + DEFAULT_A_PROMPT
                 assert txt[b] == batch["text_caption"][b] and "*" in txt[b]
@@ -367,7 +368,7 @@ def test_cfg_free_teacher_cond_branch_only_and_empty_prompts(data, tmp_path, mon
             x_t, t, s = out.tensors["x_t"], out.tensors["start"], out.tensors["end"]
             col = lambda v: v.view(B, 1, 1, 1)  # noqa: E731
             with torch.no_grad(), disable_adapters(model):
-                c = model.encode_conditions([""] * B, [""] * B, model.line_embeddings(tb.text_info))
+                c = model.encode_conditions([DEFAULT_N_PROMPT] * B, [""] * B, model.line_embeddings(tb.text_info))
                 e = model.denoise(x_t, t, c.image_context, model.control(c.text_context, tb.text_info))
             x0 = (x_t - col((1 - a[t]).sqrt()) * e) / col(a[t].sqrt())
             torch.testing.assert_close(out.tensors["x_prev"], col(a[s].sqrt()) * x0 + col((1 - a[s]).sqrt()) * e,

@@ -83,6 +83,24 @@ def test_shipped_recipes_load():
         assert r.stages and r.datasets
 
 
+def test_quality_students_learn_the_prompts_they_are_evaluated_with():
+    """Every student of the quality benchmark is distilled with the evaluation's a_prompt and negative prompt (the
+    guided teachers' uncond branch), and a CFG-free student empties its prompts to that negative prompt, so the uncond
+    branch it learns is the one CFG samples it with. The prompts must be those of AnyText's benchmark script."""
+    from anytext2_lcm.distill.config import DistillSection, PCMSection
+    from anytext2_lcm.evaluate.runner import EVAL_A_PROMPT, EVAL_N_PROMPT
+
+    r = load_recipe(REPO / "configs" / "text_quality.yaml")
+    ev = r.sections["eval"]
+    assert (ev["a_prompt"], ev["n_prompt"]) == (EVAL_A_PROMPT, EVAL_N_PROMPT)
+    for st in r.stages:
+        d = DistillSection(**st.config["distill"])
+        assert (d.a_prompt, d.n_prompt) == (EVAL_A_PROMPT, EVAL_N_PROMPT), st.name
+        p = PCMSection(**st.config.get("pcm", {}))
+        if p.cfg_free_teacher:
+            assert p.empty_image_prompt == EVAL_N_PROMPT, st.name
+
+
 def test_testbed_recipe_end_to_end_and_cache(tmp_path):
     from anytext2_lcm.factory import build_model
     from anytext2_lcm.generation import GenerationRequest, Generator

@@ -173,12 +173,13 @@ class PCMSection:
     with ``distill.guidance_scale_range`` like LCM and the student is sampled without CFG."""
     empty_prompt_fraction: float = 0.1
     """With ``cfg_free_teacher``: probability that a sample's prompts are replaced by empty ones (image prompt
-    ``empty_image_prompt``, text prompt ""; glyphs, positions and masked image kept, as in AnyText2's uncond branch)
-    for the student, the teacher and the target alike, so that the uncond branch of CFG is learnt too. The official
-    SD1.5 CFG-free example uses 0.15. Ignored without ``cfg_free_teacher``."""
-    empty_image_prompt: str = ""
-    """Image prompt of a sample whose prompts were emptied ("" as the official code; the negative prompt you sample
-    with trains that exact uncond branch instead)."""
+    ``empty_image_prompt``, by default the negative prompt; text prompt ""; glyphs, positions and masked image kept,
+    as in AnyText2's uncond branch) for the student, the teacher and the target alike, so that the uncond branch of
+    CFG is learnt too. The official SD1.5 CFG-free example uses 0.15. Ignored without ``cfg_free_teacher``."""
+    empty_image_prompt: str | None = None
+    """Image prompt of a sample whose prompts were emptied. None (default): ``distill.n_prompt``, the negative prompt
+    the student is sampled with, so the uncond branch it learns is the one CFG runs (AnyText2 always samples with a
+    negative prompt). "" is the official PCM code's choice, for pipelines sampled with an empty negative prompt."""
     guided_student: bool = False
     """true (with the guided teacher): the student and its target are the CFG combination of the adapter-on
     network's cond and uncond branches at the teacher's drawn scale, so the student is trained as it is sampled —
@@ -195,8 +196,8 @@ class PCMSection:
                "must be true or false")
         _check(_is_num(self.empty_prompt_fraction) and 0.0 <= self.empty_prompt_fraction <= 1.0,
                "pcm.empty_prompt_fraction", self.empty_prompt_fraction, "must lie in [0, 1]")
-        _check(isinstance(self.empty_image_prompt, str), "pcm.empty_image_prompt", self.empty_image_prompt,
-               "must be a string")
+        _check(self.empty_image_prompt is None or isinstance(self.empty_image_prompt, str), "pcm.empty_image_prompt",
+               self.empty_image_prompt, "must be a string (or null: distill.n_prompt)")
         _check(isinstance(self.guided_student, bool), "pcm.guided_student", self.guided_student,
                "must be true or false")
         _check(not (self.guided_student and self.cfg_free_teacher), "pcm.guided_student", self.guided_student,

@@ -16,8 +16,9 @@ grid, the per-sample draws, pseudo-Huber — is shared):
   :func:`~.solver.pcm_target`). Consistency is thus enforced only inside a phase, never across an edge.
 * **CFG-free teacher** (optional, ``pcm.cfg_free_teacher``; the official ``--not_apply_cfg_solver`` with
   ``--proportion_empty_prompts``): the teacher's solver step uses the cond branch alone (no uncond pass, w unused)
-  and a fraction of samples get empty prompts for all three passes. The student then follows the teacher's unguided
-  ODE for both prompted and empty inputs, and is sampled with real CFG and negative prompts.
+  and a fraction of samples get empty prompts (by default the negative prompt and no text prompt: the uncond branch
+  CFG samples with) for all three passes. The student then follows the teacher's unguided ODE for both prompted and
+  empty inputs, and is sampled with real CFG and negative prompts.
 * **Guided student** (optional, ``pcm.guided_student``; not in the paper): the teacher is guided as by default, and
   the student and the target are the CFG combination of the adapter-on network's own cond and uncond branches at the
   same w (one 2B call each). The student is then sampled with real CFG at that scale and is trained exactly as it
@@ -173,8 +174,9 @@ class PCMMethod(LCMMethod):
 
     def step(self, net: nn.Module, model: nn.Module, tb: TrainBatch) -> StepOutput:
         d, p = self.cfg.distill, self.cfg.pcm
+        empty_image = d.n_prompt if p.empty_image_prompt is None else p.empty_image_prompt
         return pcm_step(net, model, tb, self.solver, self.schedule, self.edges, d.guidance_scale_range,
-                        p.cfg_free_teacher, p.empty_prompt_fraction, p.empty_image_prompt, d.a_prompt, d.n_prompt,
+                        p.cfg_free_teacher, p.empty_prompt_fraction, empty_image, d.a_prompt, d.n_prompt,
                         self.writenet_lora, d.loss, d.huber_c, d.text_loss_weight, d.control_strength,
                         d.attnx_scale, self.x0_term(model, tb), p.guided_student)
 

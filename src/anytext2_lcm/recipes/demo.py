@@ -60,6 +60,7 @@ def run_demo(recipe: Recipe, out: str | Path, cache: str | Path | None = None, f
     from .. import lora as L
     from ..evaluate.figures import image_grid, loss_curve, read_losses
     from ..defaults import teacher_cfg
+    from ..distill.config import DistillSection
     from ..evaluate.quality import Student, format_table, quality_runs, quality_table
     from ..evaluate.runner import EvalConfig, evaluate
     from ..factory import build_model
@@ -81,7 +82,11 @@ def run_demo(recipe: Recipe, out: str | Path, cache: str | Path | None = None, f
     sampling = _sampling(run.adapter(stage.name))
     say(f"  evaluating on {e['num']} held-out samples: teacher (DDIM 20 + CFG), student, teacher's DDIM and the "
         f"undistilled weights at {e['steps']} steps")
-    cfg = EvalConfig(data=(str(run.json(e["dataset"])),), num=e["num"], seed=e["seed"], save_student_images=True)
+    # Evaluated with the prompts it was distilled with (a_prompt; the negative prompt of CFG and of its emptied
+    # samples), which are also generate's defaults, so the student is sampled as it learnt.
+    d = DistillSection(**stage.config.get("distill", {}))
+    cfg = EvalConfig(data=(str(run.json(e["dataset"])),), num=e["num"], seed=e["seed"], save_student_images=True,
+                     a_prompt=d.a_prompt, n_prompt=d.n_prompt)
     runs = quality_runs([Student("student", sampling)], e["steps"])
     res = evaluate(model, cfg, out / "eval", runs=runs, progress=False)
     rows = quality_table(res, ["student"], e["steps"])
