@@ -160,6 +160,29 @@ def force_indices(monkeypatch, method, indices):
     monkeypatch.setattr(solver, "sample_pairs", fake)
 
 
+def ddim_by_hand(model, B):
+    """(col, x0, jump) by hand: a per-sample column (B, 1, 1, 1), x̂0 from ε at t, and the DDIM (η = 0) jump from t to
+    t_e, on the model's ᾱ."""
+    a = model.alphas_cumprod.float()
+    col = lambda v: v.view(B, 1, 1, 1)  # noqa: E731
+    x0 = lambda e, x, tt: (x - col((1 - a[tt]).sqrt()) * e) / col(a[tt].sqrt())  # noqa: E731
+    jump = lambda e, x, tt, te: col(a[te].sqrt()) * x0(e, x, tt) + col((1 - a[te]).sqrt()) * e  # noqa: E731
+    return col, x0, jump
+
+
+@torch.no_grad()
+def branches_by_hand(model, batch, text_info):
+    """AnyText2's two CFG branches, adapters off: cond = (caption + ", " + a_prompt, text caption), uncond =
+    (n_prompt, "")."""
+    B = len(batch["img_caption"])
+    with disable_adapters(model):
+        lines = model.line_embeddings(text_info)
+        c = model.encode_conditions([cap + ", " + DEFAULT_A_PROMPT for cap in batch["img_caption"]],
+                                    batch["text_caption"], lines)
+        u = model.encode_conditions([DEFAULT_N_PROMPT] * B, [""] * B, lines)
+    return c, u
+
+
 def test_guided_pcm_step_matches_hand_math(data, tmp_path, monkeypatch):
     cfg = make_config(data, tmp_path, "method=pcm", "train.batch_size=4")
     model, method = pcm_student(cfg)
@@ -171,19 +194,13 @@ def test_guided_pcm_step_matches_hand_math(data, tmp_path, monkeypatch):
     assert T["index"].tolist() == [30, 25, 49, 12]
     assert T["edge"].tolist() == [499, 499, 759, 0]
     assert not T["empty"].any()  # guided PCM empties no prompt
-    a = model.alphas_cumprod.float()
-    col = lambda v: v.view(B, 1, 1, 1)  # noqa: E731
-    x0 = lambda e, x, tt: (x - col((1 - a[tt]).sqrt()) * e) / col(a[tt].sqrt())  # noqa: E731
-    jump = lambda e, x, tt, te: col(a[te].sqrt()) * x0(e, x, tt) + col((1 - a[te]).sqrt()) * e  # noqa: E731
+    col, x0, jump = ddim_by_hand(model, B)
 
     x_t, t, s = T["x_t"], T["start"], T["end"]
     ti = tb.text_info
+    c, u = branches_by_hand(model, batch, ti)
     with torch.no_grad():
         with disable_adapters(model):
-            lines = model.line_embeddings(ti)
-            c = model.encode_conditions([cap + ", " + DEFAULT_A_PROMPT for cap in batch["img_caption"]],
-                                        batch["text_caption"], lines)
-            u = model.encode_conditions([DEFAULT_N_PROMPT] * B, [""] * B, lines)
             ctrl_c = model.control(c.text_context, ti)
             eps_c = model.denoise(x_t, t, c.image_context, ctrl_c)
             eps_u = model.denoise(x_t, t, u.image_context, model.control(u.text_context, ti))
@@ -193,6 +210,7 @@ def test_guided_pcm_step_matches_hand_math(data, tmp_path, monkeypatch):
     w = col(T["w"])
     g_x0 = (1 + w) * x0(eps_c, x_t, t) - w * x0(eps_u, x_t, t)
     g_eps = (1 + w) * eps_c - w * eps_u
+    a = model.alphas_cumprod.float()
     x_prev = col(a[s].sqrt()) * g_x0 + col((1 - a[s]).sqrt()) * g_eps
     torch.testing.assert_close(T["x_prev"], x_prev, rtol=1e-4, atol=1e-4)
     # Student: c_skip 0 / c_out 1, its DDIM jump from t_{n+k} to the phase edge.
@@ -225,18 +243,12 @@ def test_guided_student_step_matches_hand_math(data, tmp_path, monkeypatch):
     assert sorted(calls) == [(2 * B, False), (2 * B, False), (2 * B, True)]
     assert any(float(p.grad.abs().max()) > 0 for n, p in model.named_parameters() if "lora_A" in n)
     T = out.tensors
-    a = model.alphas_cumprod.float()
-    col = lambda v: v.view(B, 1, 1, 1)  # noqa: E731
-    x0 = lambda e, x, tt: (x - col((1 - a[tt]).sqrt()) * e) / col(a[tt].sqrt())  # noqa: E731
-    jump = lambda e, x, tt, te: col(a[te].sqrt()) * x0(e, x, tt) + col((1 - a[te]).sqrt()) * e  # noqa: E731
+    col, x0, jump = ddim_by_hand(model, B)
     x_t, t, s, w, edge = T["x_t"], T["start"], T["end"], col(T["w"]), T["edge"]
     ti = tb.text_info
+    c, u = branches_by_hand(model, batch, ti)
     with torch.no_grad():
         with disable_adapters(model):
-            lines = model.line_embeddings(ti)
-            c = model.encode_conditions([cap + ", " + DEFAULT_A_PROMPT for cap in batch["img_caption"]],
-                                        batch["text_caption"], lines)
-            u = model.encode_conditions([DEFAULT_N_PROMPT] * B, [""] * B, lines)
             ctrl_c, ctrl_u = model.control(c.text_context, ti), model.control(u.text_context, ti)
             teacher = [model.denoise(x_t, t, c.image_context, ctrl_c), model.denoise(x_t, t, u.image_context, ctrl_u)]
         guided = lambda x, tt: ((1 + w) * model.denoise(x, tt, c.image_context, ctrl_c)  # noqa: E731
@@ -278,20 +290,13 @@ def test_guided_student_with_a_writenet_lora(data, tmp_path):
     zc = [p for n, p in model.named_parameters() if "zero_convs" in n and "lora_" in n]
     assert zc and any(float(p.grad.abs().max()) > 0 for p in zc)
     T = out.tensors
-    a = model.alphas_cumprod.float()
-    col = lambda v: v.view(B, 1, 1, 1)  # noqa: E731
+    col, _, jump = ddim_by_hand(model, B)
     x_t, t, w, e = T["x_t"], T["start"], col(T["w"]), T["edge"]
+    c, u = branches_by_hand(model, batch, tb.text_info)
     with torch.no_grad():
-        with disable_adapters(model):
-            lines = model.line_embeddings(tb.text_info)
-            c = model.encode_conditions([cap + ", " + DEFAULT_A_PROMPT for cap in batch["img_caption"]],
-                                        batch["text_caption"], lines)
-            u = model.encode_conditions([DEFAULT_N_PROMPT] * B, [""] * B, lines)
         eps = ((1 + w) * model.denoise(x_t, t, c.image_context, model.control(c.text_context, tb.text_info))
                - w * model.denoise(x_t, t, u.image_context, model.control(u.text_context, tb.text_info)))
-    x0 = (x_t - col((1 - a[t]).sqrt()) * eps) / col(a[t].sqrt())
-    torch.testing.assert_close(T["student"], col(a[e].sqrt()) * x0 + col((1 - a[e]).sqrt()) * eps,
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(T["student"], jump(eps, x_t, t, e), rtol=1e-4, atol=1e-4)
 
 
 def test_guided_student_config_and_adapter(data, tmp_path, capsys):
