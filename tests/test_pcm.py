@@ -299,7 +299,7 @@ def test_guided_student_with_a_writenet_lora(data, tmp_path):
     torch.testing.assert_close(T["student"], jump(eps, x_t, t, e), rtol=1e-4, atol=1e-4)
 
 
-def test_guided_student_config_and_adapter(data, tmp_path, capsys):
+def test_guided_student_config_and_adapter(data, tmp_path):
     """A guided student needs the guided teacher (one-line error naming the field); its adapter records real CFG
     at the teacher's own scale when the training band holds it, else the band's midpoint."""
     from anytext2_lcm.config import ConfigError

@@ -138,11 +138,11 @@ def target_eps(model: nn.Module, cond: DistillConditions, tb: TrainBatch, x: tor
     return model.denoise(x, t, cond.teacher.cond.image_context, control, strength, attnx_scale)
 
 
-def student_eps_pair(net: nn.Module, cond: DistillConditions, tb: TrainBatch, x_t: torch.Tensor, t: torch.Tensor,
-                     strength: float, attnx_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ε_c, ε_u) of the online student with grad, both CFG branches in one 2B call through ``net`` (one DDP
-    forward). Needs the uncond branch in ``cond.teacher``; with a WriteNet LoRA the residuals of both branches are
-    computed inside ``net`` with the adapter."""
+def student_guided_eps(net: nn.Module, cond: DistillConditions, tb: TrainBatch, x_t: torch.Tensor, t: torch.Tensor,
+                       w: torch.Tensor, strength: float, attnx_scale: float) -> torch.Tensor:
+    """The online student's own CFG combination (1 + w)·ε_c − w·ε_u with grad (float32), both branches in one 2B
+    call through ``net`` (one DDP forward). Needs the uncond branch in ``cond.teacher``; with a WriteNet LoRA the
+    residuals of both branches are computed inside ``net`` with the adapter."""
     br = cond.teacher
     context, mask = pad_contexts([br.cond.image_context, br.uncond.image_context])
     x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
@@ -153,21 +153,22 @@ def student_eps_pair(net: nn.Module, cond: DistillConditions, tb: TrainBatch, x_
         eps = net(x2, t2, context, None, (br.cond.text_context, br.uncond.text_context), tb.text_info, strength,
                   attnx_scale, mask)
     B = x_t.shape[0]
-    return eps[:B], eps[B:]
+    return lcm_guidance(eps[:B].float(), eps[B:].float(), w)
 
 
 @torch.no_grad()
-def target_eps_pair(model: nn.Module, cond: DistillConditions, tb: TrainBatch, x: torch.Tensor, t: torch.Tensor,
-                    strength: float, attnx_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ε_c, ε_u) of the same student without grad (adapters on), both branches in one batched call."""
+def target_guided_eps(model: nn.Module, cond: DistillConditions, tb: TrainBatch, x: torch.Tensor, t: torch.Tensor,
+                      w: torch.Tensor, strength: float, attnx_scale: float) -> torch.Tensor:
+    """The same CFG combination of the student without grad (adapters on), both branches in one batched call."""
     br = cond.teacher
     if cond.student_control is not None:
         controls = cond.student_control, br.control_uncond
     else:
         controls = (model.control(br.cond.text_context, tb.text_info),
                     model.control(br.uncond.text_context, tb.text_info))
-    student = Branches(br.cond, controls[0], br.uncond, controls[1])
-    return GuidedDenoiser(model, student, 1.0, strength, attnx_scale).split(x, t)
+    eps_c, eps_u = GuidedDenoiser(model, Branches(br.cond, controls[0], br.uncond, controls[1]), 1.0, strength,
+                                  attnx_scale).split(x, t)
+    return lcm_guidance(eps_c.float(), eps_u.float(), w)
 
 
 @torch.no_grad()

@@ -45,9 +45,9 @@ from ..lora import disable_adapters, save_lora
 from ..pipeline import GuidedDenoiser, branch_prompts, encode_branches
 from ..samplers.schedule import NoiseSchedule
 from .batch import StepOutput, TrainBatch
-from .lcm import (DistillConditions, LCMMethod, distance, draw_step, guided_teacher, student_eps, student_eps_pair,
-                  target_eps, target_eps_pair)
-from .solver import DDIMSolver, lcm_guidance, pcm_phase_edges, pcm_target, predicted_original_sample
+from .lcm import (DistillConditions, LCMMethod, distance, draw_step, guided_teacher, student_eps, student_guided_eps,
+                  target_eps, target_guided_eps)
+from .solver import DDIMSolver, pcm_phase_edges, pcm_target, predicted_original_sample
 
 __all__ = ["PCMMethod", "draw_empty_prompts", "pcm_conditions", "pcm_step"]
 
@@ -115,8 +115,7 @@ def pcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, solver: DDIMSolve
     # 3. Online student with grad, c_skip = 0 / c_out = 1: its DDIM jump from t_{n+k} to the lower edge of i's phase
     #    (guided student: of its own CFG combination at w, both branches in one call).
     if guided_student:
-        eps = lcm_guidance(*(e.float() for e in student_eps_pair(net, cond, tb, x_t, d.start, strength,
-                                                                 attnx_scale)), d.w)
+        eps = student_guided_eps(net, cond, tb, x_t, d.start, d.w, strength, attnx_scale)
     else:
         eps = student_eps(net, cond, tb, x_t, d.start, strength, attnx_scale)
     student_x0 = predicted_original_sample(eps, x_t, d.start, schedule)
@@ -136,8 +135,7 @@ def pcm_step(net: nn.Module, model: nn.Module, tb: TrainBatch, solver: DDIMSolve
         # 5. Target: the no-grad student at (x_prev, t_n) jumped to the same edge, or x_prev itself where i is an
         #    edge index (the teacher's step already landed on the edge).
         if guided_student:
-            eps_t = lcm_guidance(*(e.float() for e in target_eps_pair(model, cond, tb, x_prev, d.end, strength,
-                                                                      attnx_scale)), d.w)
+            eps_t = target_guided_eps(model, cond, tb, x_prev, d.end, d.w, strength, attnx_scale)
         else:
             eps_t = target_eps(model, cond, tb, x_prev, d.end, strength, attnx_scale)
         target_jump, _ = solver.phase_jump(predicted_original_sample(eps_t, x_prev, d.end, schedule), eps_t, d.index,
