@@ -284,3 +284,47 @@ def test_pcm_training_edges_are_sampler_timesteps(solver, schedule, convention, 
     jump, _ = solver.phase_jump(x0, eps, torch.tensor([49]), edges)
     step = sampler.step(eps, 999, ts[1] if m > 1 else None, x)
     torch.testing.assert_close(jump, step.prev_sample, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The leading grid (distill.timestep_spacing: the teacher's own DDIM timesteps)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_leading_solver_steps_along_the_teachers_ddim(schedule):
+    """On the 20-point leading grid the teacher's solver steps are the steps of its own 20-step DDIM: the pairs are
+    (t, t − 50) on {1, 51, …, 951}, the lowest pair lands on ᾱ[0], and a step from grid[i] equals diffusers'
+    DDIMScheduler (leading spacing, steps_offset 1, η = 0) from the same timestep."""
+    solver = DDIMSolver(schedule, 20, "leading")
+    assert solver.ddim_timesteps.tolist() == list(range(1, 1000, 50))
+    pair = solver.sample_pairs(256, generator=torch.Generator().manual_seed(0))
+    for i, s, e in zip(pair.index.tolist(), pair.start.tolist(), pair.end.tolist()):
+        assert s == 50 * i + 1 and e == max(s - 50, 0)
+        assert e == solver.ddim_timesteps_prev[i]  # x_prev lands where the pair ends
+    ref = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1,
+                                  set_alpha_to_one=False, clip_sample=False)
+    ref.set_timesteps(20)
+    x, eps = _rand(1, 4, 4, 4, seed=8), _rand(1, 4, 4, 4, seed=9)
+    for i in (19, 10, 0):
+        t = int(solver.ddim_timesteps[i])
+        x0 = predicted_original_sample(eps, x, torch.tensor([t]), schedule)
+        ours = solver.ddim_step(x0, eps, torch.tensor([i]))
+        theirs = ref.step(eps, t, x, eta=0.0).prev_sample
+        torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 8])
+def test_leading_training_edges_are_sampler_timesteps(schedule, m):
+    """A student of the leading grid is sampled at its phase edges, and its training jump from the top of the grid
+    (951) is the sampler's first step."""
+    solver = DDIMSolver(schedule, 20, "leading")
+    edges = pcm_phase_edges(m, 20)
+    sampler = PCMSampler(schedule, num_phases=m, original_steps=20, timestep_spacing="leading")
+    ts = sampler.timesteps(m)
+    assert ts == [951] + sorted(solver.ddim_timesteps_prev[edges[1:]].tolist(), reverse=True)
+    x, eps = _rand(1, 4, 4, 4, seed=6), _rand(1, 4, 4, 4, seed=7)
+    x0 = predicted_original_sample(eps, x, torch.tensor([951]), schedule)
+    jump, _ = solver.phase_jump(x0, eps, torch.tensor([19]), edges)
+    torch.testing.assert_close(jump, sampler.step(eps, 951, ts[1] if m > 1 else None, x).prev_sample,
+                               rtol=1e-5, atol=1e-5)

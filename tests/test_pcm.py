@@ -321,6 +321,35 @@ def test_guided_student_config_and_adapter(data, tmp_path):
     assert _adapter_metadata(tmp_path / "run" / "adapter.safetensors")["guided_student"] == "true"
 
 
+def test_leading_grid_config_training_pairs_and_adapter(data, tmp_path):
+    """``distill.timestep_spacing: leading``: one-line errors naming the field; the student trains on pairs of the
+    teacher's own DDIM timesteps ({1, 51, …, 951} for 20 points) and its adapter records the grid, so that its
+    sampler visits the same timesteps."""
+    from anytext2_lcm.config import ConfigError
+    from anytext2_lcm.distill.trainer import train
+    from anytext2_lcm.lora import adapter_info
+    from anytext2_lcm.samplers import make_sampler
+
+    with pytest.raises(ConfigError, match=r"^distill\.timestep_spacing"):
+        make_config(data, tmp_path / "bad", "distill.timestep_spacing=middle")
+    with pytest.raises(ConfigError, match=r"^distill\.num_ddim_timesteps.*leading"):
+        make_config(data, tmp_path / "bad2", "distill.timestep_spacing=leading", "distill.num_ddim_timesteps=1000")
+    args = ("method=pcm", "pcm.num_phases=4", "distill.num_ddim_timesteps=20", "distill.timestep_spacing=leading")
+    model, method = pcm_student(make_config(data, tmp_path / "s", *args, "train.batch_size=4"))
+    out = method.step(method.network(model), model, a_batch(method.cfg, model)[1])
+    grid = list(range(1, 1000, 50))
+    for s, e, edge in zip(out.tensors["start"].tolist(), out.tensors["end"].tolist(), out.tensors["edge"].tolist()):
+        assert s in grid and e == max(s - 50, 0)
+        assert edge in (0, 201, 451, 701) and edge < s
+    result = train(make_config(data, tmp_path / "run", *args, "train.max_steps=1"))
+    assert result.exit_code == 0
+    sampling = adapter_info(tmp_path / "run" / "adapter")["sampling"]
+    assert sampling["options"] == {"num_phases": 4, "convention": "inference", "original_steps": 20,
+                                   "timestep_spacing": "leading"}
+    assert make_sampler("pcm", **sampling["options"]).timesteps(4) == [951, 701, 451, 201]
+    assert _adapter_metadata(tmp_path / "run" / "adapter.safetensors")["timestep_spacing"] == "leading"
+
+
 def test_cfg_free_teacher_cond_branch_only_and_empty_prompts(data, tmp_path, monkeypatch):
     import anytext2_lcm.distill.pcm as pcm_mod
 
@@ -494,6 +523,13 @@ def test_generate_pcm_with_cfg_and_negative_prompt(pcm_adapter, tmp_path, capsys
     assert "divides 4" in capsys.readouterr().err
     assert main([*base, "--sampler", "lcm", "--num-phases", "4", "--out", str(tmp_path / "y.png")]) == 2
     assert "applies to --sampler pcm" in capsys.readouterr().err
+    assert main([*base, "--sampler", "ddim", "--timestep-spacing", "leading", "--out", str(tmp_path / "z.png")]) == 2
+    assert "--timestep-spacing applies to the student samplers" in capsys.readouterr().err
+    # the grid flags reach the sampler: the 20-point leading grid starts at 951, not 999
+    for spacing in ("trailing", "leading"):
+        assert main([*base, *pcm4, "--original-steps", "20", "--timestep-spacing", spacing,
+                     "--out", str(tmp_path / f"{spacing}.png")]) == 0
+    assert (tmp_path / "leading.png").read_bytes() != (tmp_path / "trailing.png").read_bytes()
 
 
 def test_evaluate_pcm_with_cfg_and_negative_prompt(pcm_adapter, data, tmp_path, capsys):

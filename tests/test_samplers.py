@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from anytext2_lcm.samplers import (DDIMSampler, LCMSampler, NoiseSchedule, PCMSampler, StepResult, TCDSampler,
-                                   make_sampler, sampler_options)
+                                   distillation_grid, make_sampler, sampler_options)
 from conftest import assert_close_ref
 
 import diffusers  # a core dependency: an import error must fail the tests, not skip them
@@ -311,6 +311,26 @@ def test_pcm_step_hand(schedule):
                                                  rel=1e-5)
 
 
+def test_leading_grid_is_the_teachers_ddim(schedule):
+    """The leading grid is the teacher's own DDIM discretisation: its points are ldm's "uniform" timesteps, the
+    samplers pick their few steps from it (by hand: positions floor(linspace(0, 20, n)) of [951, 901, …, 1]), and a
+    20-step PCM run of the undistilled model on it is diffusers' 20-step DDIM (η = 0), step for step."""
+    assert distillation_grid(1000, 20, "leading") == [50 * i + 1 for i in range(20)]
+    assert distillation_grid(1000, 50, "leading")[-1] == 981
+    for name in ("lcm", "tcd", "pcm"):
+        s = make_sampler(name, original_steps=20, timestep_spacing="leading")
+        assert s.timesteps(1) == [951]
+        assert s.timesteps(4) == [951, 701, 451, 201]
+        assert s.timesteps(8) == [951, 851, 701, 601, 451, 351, 201, 101]
+    _lockstep(PCMSampler(schedule, original_steps=20, timestep_spacing="leading"), _ddim_scheduler(20), 20,
+              _eps_fn(5), step_kwargs={"eta": 0.0})
+    for bad in (dict(original_steps=1000), dict(original_steps=30)):
+        with pytest.raises(ValueError, match="leading grid"):
+            make_sampler("lcm", timestep_spacing="leading", **bad)
+    with pytest.raises(ValueError, match="timestep_spacing='middle'"):
+        make_sampler("pcm", timestep_spacing="middle")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The interface
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,7 +345,7 @@ def test_make_sampler_errors_and_options():
         make_sampler("tcd", gamma=1.5)
     with pytest.raises(ValueError, match="eta"):
         make_sampler("ddim", eta=-1.0)
-    assert sampler_options("tcd") == ("gamma", "original_steps")
+    assert sampler_options("tcd") == ("gamma", "original_steps", "timestep_spacing")
     assert make_sampler("tcd", gamma=0.1).gamma == 0.1
 
 

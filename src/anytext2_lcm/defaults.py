@@ -69,7 +69,7 @@ def teacher_sampling(model_cfg=None) -> Sampling:
 
 
 def student_sampling(method: str, num_phases: int = 4, convention: str = "inference", original_steps: int = 50,
-                     with_cfg: bool = False, cfg: float = TEACHER_CFG) -> Sampling:
+                     with_cfg: bool = False, cfg: float = TEACHER_CFG, spacing: str = "trailing") -> Sampling:
     """The recommended sampling of a student distilled with ``method``.
 
     * ``lcm``: the LCM multistep sampler, 4 steps, no CFG (the teacher's guidance is distilled in);
@@ -77,12 +77,16 @@ def student_sampling(method: str, num_phases: int = 4, convention: str = "infere
       when the guidance was distilled in, real CFG ``cfg`` (with the negative prompt) when ``with_cfg``: a student of
       a CFG-free teacher (``cfg`` = the teacher's own scale, :func:`teacher_cfg`) or a guided student
       (``pcm.guided_student``; ``cfg`` = :func:`trained_cfg`).
+
+    The options name the student's grid: ``original_steps`` and, for a student of the leading grid
+    (``distill.timestep_spacing``), ``timestep_spacing: leading`` (absent = trailing, as adapters before it).
     """
+    grid = {"original_steps": original_steps} | ({} if spacing == "trailing" else {"timestep_spacing": spacing})
     if method == "lcm":
-        return Sampling("lcm", STUDENT_DEFAULT_STEPS, 1.0, {"original_steps": original_steps})
+        return Sampling("lcm", STUDENT_DEFAULT_STEPS, 1.0, grid)
     if method == "pcm":
         return Sampling("pcm", num_phases, float(cfg) if with_cfg else 1.0,
-                        {"num_phases": num_phases, "convention": convention, "original_steps": original_steps})
+                        {"num_phases": num_phases, "convention": convention} | grid)
     raise ValueError(f"no student sampling for method {method!r} (lcm or pcm)")
 
 

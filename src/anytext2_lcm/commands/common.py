@@ -190,7 +190,8 @@ def model_from_args(args, community=None):
 
 
 def sampler_options(args, sampler: str, flag: str = "--sampler") -> dict:
-    """The sampler options of ``--gamma``, ``--num-phases``, ``--phase-convention`` and ``--original-steps``, each
+    """The sampler options of ``--gamma``, ``--num-phases``, ``--phase-convention``, ``--original-steps`` and
+    ``--timestep-spacing``, each
     refused (UsageError) for a sampler it does not apply to; ``flag`` names the sampler option in the message."""
     from ..cli import UsageError
 
@@ -204,10 +205,11 @@ def sampler_options(args, sampler: str, flag: str = "--sampler") -> dict:
             if sampler != "pcm":
                 raise UsageError(f"--{name.replace('_', '-')} applies to {flag} pcm")
             opts[key] = getattr(args, name)
-    if args.original_steps is not None:
-        if sampler == "ddim":
-            raise UsageError("--original-steps applies to the student samplers (lcm, tcd, pcm)")
-        opts["original_steps"] = args.original_steps
+    for name in ("original_steps", "timestep_spacing"):
+        if getattr(args, name, None) is not None:
+            if sampler == "ddim":
+                raise UsageError(f"--{name.replace('_', '-')} applies to the student samplers (lcm, tcd, pcm)")
+            opts[name] = getattr(args, name)
     return opts
 
 

@@ -45,6 +45,9 @@ def register(sub) -> None:
     s.add_argument("--original-steps", type=STEPS, default=None,
                    help="lcm/tcd/pcm: points of the student's distillation grid (distill.num_ddim_timesteps; "
                         "default 50)")
+    s.add_argument("--timestep-spacing", default=None, choices=["trailing", "leading"],
+                   help="lcm/tcd/pcm: where the grid's points are (distill.timestep_spacing; default: the adapter's "
+                        "recorded one, else trailing)")
     s.add_argument("--a-prompt", default=EVAL_A_PROMPT)
     s.add_argument("--n-prompt", default=EVAL_N_PROMPT)
     s.add_argument("--no-warmup", action="store_true", help="time the first call too")

@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--original-steps", type=STEPS, default=None,
                    help="lcm/tcd/pcm: points of the student's distillation grid (distill.num_ddim_timesteps; "
                         "default 50)")
+    s.add_argument("--timestep-spacing", default=None, choices=["trailing", "leading"],
+                   help="lcm/tcd/pcm: where the grid's points are (distill.timestep_spacing; default: the adapter's "
+                        "recorded one, else trailing)")
     s.add_argument("--eta", type=number(0, 1), default=0.0, help="DDIM eta")
     s.add_argument("--strength", type=number(0, 10), default=1.0, help="WriteNet control strength")
     s.add_argument("--attnx-scale", type=number(-10, 10), default=1.0)

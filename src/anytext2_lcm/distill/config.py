@@ -43,6 +43,7 @@ from ..config import MAX_SEED, PRESETS, ConfigError, _check, build_dataclass, ch
 from ..data.anyword import DataConfig
 from ..lora import LoraSpec
 from ..defaults import DEFAULT_A_PROMPT, DEFAULT_N_PROMPT
+from ..samplers.base import TIMESTEP_SPACINGS
 from ..samplers.pcm import PCM_CONVENTIONS
 
 METHODS = ("lcm", "pcm", "teacher", "vae", "ocr", "decoder")
@@ -108,6 +109,10 @@ class DistillSection:
 
     num_ddim_timesteps: int = 50
     """Points of the DDIM solver grid (N); the skipping interval is k = T / N (50 → k = 20, grid {19, 39, …, 999})."""
+    timestep_spacing: str = "trailing"
+    """Where the grid's points are: "trailing" (LCM / PCM: {k·i − 1}, from T − 1 = 999 down) or "leading" (the
+    teacher's own N-step DDIM timesteps {k·i + 1}: N = 20 → {1, 51, …, 951}, so the student learns the trajectory of
+    the teacher's 20-step run that it is compared with). Recorded in the adapter's sampling; N must be ≤ T / 2."""
     guidance_scale_range: tuple[float, float] = (7.0, 8.0)
     """Teacher CFG scale s in AnyText2's (Imagen) form, drawn per sample from U[low, high]; the LCM weight is
     w = s − 1. AnyText2 samples at 7.5–9, so the default is a narrow band around 7.5. [s, s] fixes it."""
@@ -133,6 +138,8 @@ class DistillSection:
     def __post_init__(self) -> None:
         _check(_is_int(self.num_ddim_timesteps) and self.num_ddim_timesteps >= 1, "distill.num_ddim_timesteps",
                self.num_ddim_timesteps, "must be an integer >= 1")
+        _check(self.timestep_spacing in TIMESTEP_SPACINGS, "distill.timestep_spacing", self.timestep_spacing,
+               f"must be one of {TIMESTEP_SPACINGS}")
         r = self.guidance_scale_range
         _check(isinstance(r, (list, tuple)) and len(r) == 2 and all(_is_num(v) for v in r),
                "distill.guidance_scale_range", r, "must be [low, high] numbers")
@@ -626,6 +633,8 @@ class TrainConfig:
         T = 1000  # every preset's diffusion.timesteps; the grid must tile it
         n = self.distill.num_ddim_timesteps
         _check(n <= T and T % n == 0, "distill.num_ddim_timesteps", n, f"must divide the {T} training timesteps")
+        _check(self.distill.timestep_spacing == "trailing" or 2 * n <= T, "distill.num_ddim_timesteps", n,
+               f"the leading grid (distill.timestep_spacing) needs at most {T // 2} points")
         if self.method == "pcm":
             _check(self.pcm.num_phases <= n, "pcm.num_phases", self.pcm.num_phases,
                    f"must not exceed distill.num_ddim_timesteps ({n}): every phase needs a grid point")

@@ -259,7 +259,7 @@ class LCMMethod(Method):
     def configure_model(self, model: nn.Module) -> list[nn.Parameter]:
         d = self.cfg.distill
         self.schedule = NoiseSchedule(model.alphas_cumprod.detach().float().cpu())
-        self.solver = DDIMSolver(self.schedule, d.num_ddim_timesteps)
+        self.solver = DDIMSolver(self.schedule, d.num_ddim_timesteps, d.timestep_spacing)
         spec: LoraSpec = self.cfg.lora
         apply_lora(model, spec)
         self.writenet_lora = has_writenet_lora(model)
@@ -299,7 +299,8 @@ class LCMMethod(Method):
 
     def save_results(self, model: nn.Module, output_dir: Path) -> list[Path]:
         name = self.cfg.lora.adapter_name
-        sampling = student_sampling("lcm", original_steps=self.cfg.distill.num_ddim_timesteps)
+        d = self.cfg.distill
+        sampling = student_sampling("lcm", original_steps=d.num_ddim_timesteps, spacing=d.timestep_spacing)
         meta = {"method": self.name, "guidance_scale_range": json.dumps(list(self.cfg.distill.guidance_scale_range)),
                 "sampling": json.dumps(sampling.to_dict())}
         return [save_lora(model, output_dir / "adapter", name, metadata=meta),

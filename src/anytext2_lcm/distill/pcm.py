@@ -185,9 +185,11 @@ class PCMMethod(LCMMethod):
         # CFG-free teacher is guided with the teacher model's own scale, a guided student with the scale it learnt.
         r = self.cfg.distill.guidance_scale_range
         cfg = trained_cfg(r, teacher_cfg(model.cfg)) if p.guided_student else teacher_cfg(model.cfg)
-        sampling = student_sampling("pcm", p.num_phases, p.convention, n, p.cfg_free_teacher or p.guided_student, cfg)
+        sampling = student_sampling("pcm", p.num_phases, p.convention, n, p.cfg_free_teacher or p.guided_student, cfg,
+                                    self.cfg.distill.timestep_spacing)
         meta = {"method": self.name, "num_phases": str(p.num_phases), "convention": p.convention,
-                "num_ddim_timesteps": str(n), "cfg_free_teacher": str(p.cfg_free_teacher).lower(),
+                "num_ddim_timesteps": str(n), "timestep_spacing": self.cfg.distill.timestep_spacing,
+                "cfg_free_teacher": str(p.cfg_free_teacher).lower(),
                 "guided_student": str(p.guided_student).lower(),
                 "guidance_scale_range": json.dumps(list(self.cfg.distill.guidance_scale_range)),
                 "sampling": json.dumps(sampling.to_dict())}

@@ -142,20 +142,22 @@ class SkipPair(NamedTuple):
 
 
 class DDIMSolver:
-    """The DDIM ODE solver on the N-point distillation grid (N = 50, k = T/N = 20 → {19, 39, …, 999}).
+    """The DDIM ODE solver on the N-point distillation grid (N = 50, k = T/N = 20 → {19, 39, …, 999}; ``spacing``
+    "leading": the teacher's own DDIM timesteps, N = 20 → {1, 51, …, 951}, :func:`~..samplers.base.distillation_grid`).
 
     Attributes:
         step_ratio: k.
-        ddim_timesteps: (N,) long, grid[i] = k·(i + 1) − 1.
+        ddim_timesteps: (N,) long, grid[i] = k·(i + 1) − 1 (leading: k·i + 1).
         ddim_timesteps_prev: (N,) long, grid[i − 1] and 0 for i = 0 (the timestep x_prev lands on).
         ddim_alphas: (N,) float32, ᾱ[grid[i]].
         ddim_alphas_prev: (N,) float32, ᾱ[grid[i − 1]] and ᾱ[0] (not 1) for i = 0.
     """
 
-    def __init__(self, schedule: NoiseSchedule | None = None, num_ddim_timesteps: int = 50):
+    def __init__(self, schedule: NoiseSchedule | None = None, num_ddim_timesteps: int = 50,
+                 spacing: str = "trailing"):
         self.schedule = as_schedule(schedule)
         T = self.schedule.num_timesteps
-        grid = distillation_grid(T, num_ddim_timesteps)
+        grid = distillation_grid(T, num_ddim_timesteps, spacing)
         self.num_ddim_timesteps = num_ddim_timesteps
         self.step_ratio = T // num_ddim_timesteps
         ac = self.schedule.alphas_cumprod

@@ -42,6 +42,8 @@ def render_validation(model, cfg, out_dir: Path, step: int) -> dict[str, np.ndar
     if v.sampler == "pcm" and cfg.method == "pcm":  # visit exactly the student's phase edges
         options = {"num_phases": cfg.pcm.num_phases, "convention": cfg.pcm.convention,
                    "original_steps": cfg.distill.num_ddim_timesteps}
+    if v.sampler in ("lcm", "tcd", "pcm") and cfg.distill.timestep_spacing != "trailing":  # the student's grid
+        options.update(original_steps=cfg.distill.num_ddim_timesteps, timestep_spacing=cfg.distill.timestep_spacing)
     images = {}
     with torch.no_grad():
         for i, p in enumerate(prompts):

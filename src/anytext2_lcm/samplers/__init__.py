@@ -29,12 +29,15 @@ name  what                                                                   opt
 ====  =====================================================================  ====================================
 ddim  the teacher's ldm DDIM: timesteps range(0, T, T//S)+1, last → ᾱ[0]     eta (0.0)
 lcm   diffusers LCMScheduler: boundary condition, fresh-noise restarts       original_steps (50),
+                                                                             timestep_spacing ("trailing"),
                                                                              timestep_scaling (10.0),
                                                                              sigma_data (0.5)
-tcd   diffusers TCDScheduler: DDIM jump to floor((1-γ)·t_next), re-noise     gamma (0.3), original_steps (50)
+tcd   diffusers TCDScheduler: DDIM jump to floor((1-γ)·t_next), re-noise     gamma (0.3), original_steps (50),
+                                                                             timestep_spacing ("trailing")
 pcm   deterministic DDIM jumps between PCM phase edges                       num_phases (None),
                                                                              convention ("inference"),
-                                                                             original_steps (50)
+                                                                             original_steps (50),
+                                                                             timestep_spacing ("trailing")
 ====  =====================================================================  ====================================
 
 Randomness: samplers that draw noise (ddim η > 0, lcm, tcd γ > 0) take it from ``generator`` with one

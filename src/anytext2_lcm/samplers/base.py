@@ -100,15 +100,33 @@ def randn_like_latent(x: torch.Tensor, generator: torch.Generator | None) -> tor
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def distillation_grid(num_train_timesteps: int = 1000, original_steps: int = 50) -> list[int]:
-    """The ascending solver grid {k·i − 1 : i = 1..original_steps} with k = T // original_steps.
+TIMESTEP_SPACINGS = ("trailing", "leading")
 
-    For T = 1000 and 50 points: [19, 39, …, 999] (k = 20). Students are trained only on these timesteps.
+
+def distillation_grid(num_train_timesteps: int = 1000, original_steps: int = 50,
+                      spacing: str = "trailing") -> list[int]:
+    """The ascending solver grid of N = ``original_steps`` points, k = T // N apart.
+
+    * "trailing" (default; LCM, TCD and PCM): {k·i − 1 : i = 1..N}, the top point is T − 1. T = 1000, N = 50:
+      [19, 39, …, 999]; N = 20: [49, 99, …, 999].
+    * "leading": {k·(i − 1) + 1 : i = 1..N}, the timesteps of the teacher's own N-step DDIM (the original's ldm
+      "uniform" discretisation; diffusers' "leading" spacing with ``steps_offset`` 1). N = 20: [1, 51, …, 951]. A
+      student distilled on it learns the trajectory the teacher's N-step DDIM run follows (it starts from pure noise
+      at 951, not at 999), which is the reference its outputs are compared with. Needs T % N == 0 and k ≥ 2.
+
+    Students are trained only on these timesteps.
     """
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"timestep_spacing={spacing!r} must be one of {TIMESTEP_SPACINGS}")
     if not 1 <= original_steps <= num_train_timesteps:
         raise ValueError(f"original_steps={original_steps} must be in [1, {num_train_timesteps}]")
     k = num_train_timesteps // original_steps
-    return [k * i - 1 for i in range(1, original_steps + 1)]
+    if spacing == "trailing":
+        return [k * i - 1 for i in range(1, original_steps + 1)]
+    if num_train_timesteps % original_steps or k < 2:
+        raise ValueError(f"original_steps={original_steps}: the leading grid needs a divisor of "
+                         f"{num_train_timesteps} of at most {num_train_timesteps // 2}")
+    return [k * i + 1 for i in range(original_steps)]
 
 
 def grid_positions(num_steps: int, num_points: int) -> list[int]:
@@ -118,13 +136,15 @@ def grid_positions(num_steps: int, num_points: int) -> list[int]:
     return np.floor(np.linspace(0, num_points, num=num_steps, endpoint=False)).astype(np.int64).tolist()
 
 
-def grid_inference_timesteps(num_steps: int, num_train_timesteps: int = 1000, original_steps: int = 50) -> list[int]:
+def grid_inference_timesteps(num_steps: int, num_train_timesteps: int = 1000, original_steps: int = 50,
+                             spacing: str = "trailing") -> list[int]:
     """The descending timesteps of an ``num_steps``-step LCM/TCD run on the distillation grid.
 
     The grid is reversed and evenly spaced positions are taken from it: 1 → [999]; 2 → [999, 499];
-    4 → [999, 759, 499, 259]; 8 → [999, 879, 759, 639, 499, 379, 259, 139].
+    4 → [999, 759, 499, 259]; 8 → [999, 879, 759, 639, 499, 379, 259, 139] (trailing, 50 points); leading, 20
+    points: 4 → [951, 701, 451, 201].
     """
-    grid = distillation_grid(num_train_timesteps, original_steps)
+    grid = distillation_grid(num_train_timesteps, original_steps, spacing)
     if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= len(grid):
         raise ValueError(f"num_steps={num_steps!r} must be an integer in [1, {len(grid)}] "
                          f"(the number of points of the distillation grid, original_steps={original_steps})")
@@ -152,5 +172,6 @@ def float32_sigma(eta: float, alpha_t: torch.Tensor, alpha_s: torch.Tensor) -> t
 
 
 __all__: Sequence[str] = (
-    "StepResult", "as_schedule", "ddim_update", "distillation_grid", "grid_inference_timesteps", "grid_positions",
+    "StepResult", "TIMESTEP_SPACINGS", "as_schedule", "ddim_update", "distillation_grid", "grid_inference_timesteps",
+    "grid_positions",
 )

@@ -50,18 +50,21 @@ class LCMSampler:
     Args:
         schedule: the noise schedule.
         original_steps: points of the distillation grid (50 → {19, 39, …, 999}).
+        timestep_spacing: the grid's spacing, "trailing" or "leading" (:func:`~.base.distillation_grid`).
         timestep_scaling, sigma_data: boundary-condition constants (10, 0.5).
     """
 
     schedule: NoiseSchedule | None = None
     original_steps: int = 50
+    timestep_spacing: str = "trailing"
     timestep_scaling: float = 10.0
     sigma_data: float = 0.5
     name: str = field(default="lcm", init=False)
 
     def __post_init__(self) -> None:
         self.schedule = as_schedule(self.schedule)
-        distillation_grid(self.schedule.num_timesteps, self.original_steps)  # validates original_steps
+        # validates original_steps and the spacing
+        distillation_grid(self.schedule.num_timesteps, self.original_steps, self.timestep_spacing)
         if not self.timestep_scaling > 0 or not self.sigma_data > 0:
             raise ValueError(f"{self.name}: timestep_scaling and sigma_data must be > 0, got "
                              f"{self.timestep_scaling!r}, {self.sigma_data!r}")
@@ -69,7 +72,8 @@ class LCMSampler:
     def timesteps(self, num_steps: int) -> list[int]:
         """Descending grid timesteps: 1 → [999]; 2 → [999, 499]; 4 → [999, 759, 499, 259]; 8 → [999, 879, …, 139]."""
         check_num_steps(num_steps, 1, self.original_steps, f"{self.name} (original_steps={self.original_steps})")
-        return grid_inference_timesteps(num_steps, self.schedule.num_timesteps, self.original_steps)
+        return grid_inference_timesteps(num_steps, self.schedule.num_timesteps, self.original_steps,
+                                        self.timestep_spacing)
 
     def step(self, eps: torch.Tensor, t: int, t_next: int | None, x: torch.Tensor,
              generator: torch.Generator | None = None) -> StepResult:

@@ -65,13 +65,14 @@ def phase_edge_indices(num_phases: int, num_points: int = 50, convention: str = 
 
 
 def phase_edge_timesteps(num_phases: int, num_train_timesteps: int = 1000, original_steps: int = 50,
-                         convention: str = "inference") -> list[int]:
+                         convention: str = "inference", spacing: str = "trailing") -> list[int]:
     """The descending timesteps a PCM run visits: the top of the grid, then every inner phase edge.
 
     The final edge (t = 0, ᾱ[0]) is where the last step lands and is not a model call. inference, M = 4 →
-    [999, 759, 499, 259]; official, M = 4 → [999, 739, 499, 239].
+    [999, 759, 499, 259]; official, M = 4 → [999, 739, 499, 239]; inference on the 20-point leading grid, M = 4 →
+    [951, 701, 451, 201]. Phase edges are grid indices, so the spacing moves them with the grid.
     """
-    grid = distillation_grid(num_train_timesteps, original_steps)
+    grid = distillation_grid(num_train_timesteps, original_steps, spacing)
     edges = phase_edge_indices(num_phases, len(grid), convention)
     return [grid[-1]] + [grid[e - 1] for e in reversed(edges[1:])]
 
@@ -88,17 +89,19 @@ class PCMSampler:
             from, and are rejected.
         convention: where the phase edges are ("inference" or "official"; module docstring).
         original_steps: points of the distillation grid (50).
+        timestep_spacing: the grid's spacing, "trailing" or "leading" (:func:`~.base.distillation_grid`).
     """
 
     schedule: NoiseSchedule | None = None
     num_phases: int | None = None
     convention: str = "inference"
     original_steps: int = 50
+    timestep_spacing: str = "trailing"
     name: str = field(default="pcm", init=False)
 
     def __post_init__(self) -> None:
         self.schedule = as_schedule(self.schedule)
-        distillation_grid(self.schedule.num_timesteps, self.original_steps)
+        distillation_grid(self.schedule.num_timesteps, self.original_steps, self.timestep_spacing)
         if self.convention not in PCM_CONVENTIONS:
             raise ValueError(f"pcm: convention={self.convention!r} must be one of {PCM_CONVENTIONS}")
         if self.num_phases is not None:
@@ -113,7 +116,8 @@ class PCMSampler:
                         | {k * m for k in range(2, self.original_steps // m + 1)})
             raise ValueError(f"pcm: a student trained with num_phases={m} is sampled with a number of steps that "
                              f"divides {m} or is a multiple of it (one of {ok}); got num_steps={s}")
-        return phase_edge_timesteps(s, self.schedule.num_timesteps, self.original_steps, self.convention)
+        return phase_edge_timesteps(s, self.schedule.num_timesteps, self.original_steps, self.convention,
+                                    self.timestep_spacing)
 
     def step(self, eps: torch.Tensor, t: int, t_next: int | None, x: torch.Tensor,
              generator: torch.Generator | None = None) -> StepResult:

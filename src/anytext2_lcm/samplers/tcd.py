@@ -31,23 +31,27 @@ class TCDSampler:
         schedule: the noise schedule.
         gamma: γ ∈ [0, 1] (0: deterministic; diffusers' default 0.3).
         original_steps: points of the distillation grid (50).
+        timestep_spacing: the grid's spacing, "trailing" or "leading" (:func:`~.base.distillation_grid`).
     """
 
     schedule: NoiseSchedule | None = None
     gamma: float = 0.3
     original_steps: int = 50
+    timestep_spacing: str = "trailing"
     name: str = field(default="tcd", init=False)
 
     def __post_init__(self) -> None:
         self.schedule = as_schedule(self.schedule)
-        distillation_grid(self.schedule.num_timesteps, self.original_steps)  # validates original_steps
+        # validates original_steps and the spacing
+        distillation_grid(self.schedule.num_timesteps, self.original_steps, self.timestep_spacing)
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"tcd: gamma={self.gamma!r} must be in [0, 1]")
 
     def timesteps(self, num_steps: int) -> list[int]:
         """The LCM timesteps: 4 → [999, 759, 499, 259]."""
         check_num_steps(num_steps, 1, self.original_steps, f"tcd (original_steps={self.original_steps})")
-        return grid_inference_timesteps(num_steps, self.schedule.num_timesteps, self.original_steps)
+        return grid_inference_timesteps(num_steps, self.schedule.num_timesteps, self.original_steps,
+                                        self.timestep_spacing)
 
     def intermediate_timestep(self, t_next: int | None) -> int:
         """s = floor((1 − γ)·t_next), with t_next = 0 after the last step.
