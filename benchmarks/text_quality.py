@@ -40,7 +40,8 @@ def students_of(recipe, run) -> list:
         recorded = Sampling.from_dict(adapter_info(run.adapter(e["stage"]))["sampling"])
         if "sampler" in e:
             recorded = Sampling(e["sampler"], recorded.steps, float(e.get("cfg", recorded.cfg)),
-                                {**{k: v for k, v in recorded.options.items() if k == "original_steps"},
+                                {**{k: v for k, v in recorded.options.items()
+                                    if k in ("original_steps", "timestep_spacing")},  # the student's grid
                                  **(e.get("options") or {})})
         out.append((Student(e["label"], recorded, adapter=e["stage"]), e["stage"]))
     return out

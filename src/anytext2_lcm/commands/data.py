@@ -1,4 +1,5 @@
-"""``make-data``, ``validate-data``, ``index-data`` and ``make-shards``: data in the AnyWord-3M format."""
+"""``make-data``, ``validate-data``, ``index-data``, ``make-shards`` and ``teacher-data``: data in the AnyWord-3M
+format."""
 
 from __future__ import annotations
 
@@ -60,6 +61,18 @@ def register(subparsers) -> None:
     ix.add_argument("json", nargs="+", help="AnyWord annotation files, in the order their rows are concatenated")
     ix.add_argument("--out", required=True, help="index file to write (e.g. anyword.arrow)")
     ix.add_argument("--overwrite", action="store_true", help="replace an existing index")
+
+    from .common import SEED, add_model_args
+
+    td = command(subparsers, "teacher-data", teacher_data)
+    td.add_argument("json", nargs="+", help="AnyWord annotation files whose captions and lines are sampled")
+    td.add_argument("--out", required=True, help="dataset folder (images/ and anyword_teacher.json are written there)")
+    td.add_argument("--num", type=POSITIVE, default=None, help="rows to sample (default: every usable row)")
+    td.add_argument("--seed", type=SEED, default=0, help="row i is sampled from seed + i")
+    td.add_argument("--a-prompt", default=None,
+                    help="added prompt (default: the evaluation's; give the one the student is distilled with)")
+    td.add_argument("--n-prompt", default=None, help="negative prompt (default: the evaluation's)")
+    add_model_args(td, lora=False)
 
     sh = command(subparsers, "make-shards", make_shards)
     sh.add_argument("json", nargs="+", help="AnyWord annotation files")
@@ -166,4 +179,27 @@ def make_shards(args) -> int:
     size = sum(s["bytes"] for s in m["shards"])
     print(f"wrote {m['samples']} samples in {len(m['shards'])} shards ({size / 2**20:.1f} MiB) to {out}; "
           f"rows without a readable image (skipped when read): {m['images_missing']}")
+    return 0
+
+
+def teacher_data(args) -> int:
+    """sample the teacher on a dataset's annotations: its own images, as a dataset to distil on
+
+    Every usable row is sampled as the evaluation samples its teacher run (the caption, the lines at their
+    positions and colours, 20-step DDIM with the model's CFG scale) and written with its lines as rendered. A student
+    distilled on these images is trained at states like those it is sampled at (``docs/methods.md``). A run that
+    stops resumes: images already written are kept.
+    """
+    import json
+
+    from ..cli import UsageError
+    from ..distill.teacher_data import write_teacher_dataset
+    from .common import model_from_args
+
+    for f in args.json:
+        if not Path(f).is_file():
+            raise UsageError(f"{f}: no such annotation file")
+    model, _, _ = model_from_args(args)
+    path = write_teacher_dataset(model, args.json, args.out, args.num, args.seed, args.a_prompt, args.n_prompt)
+    print(json.dumps({"dataset": str(path), "images": len(json.loads(path.read_text())["data_list"])}))
     return 0

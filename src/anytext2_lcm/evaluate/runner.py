@@ -295,7 +295,10 @@ class EvalGenerator(ViewGenerator):
         return prep
 
 
-def _request(sample: EvalSample, spec: RunSpec, cfg: EvalConfig) -> GenerationRequest:
+def sample_request(sample: EvalSample, spec: RunSpec, cfg: EvalConfig) -> GenerationRequest:
+    """The request of one sample under one run (the caption, its lines at their polygons and colours, the sample's
+    seed, the run's sampling, the evaluation's prompts); run it with :class:`EvalGenerator` and
+    ``x_T = initial_noise(sample.seed, …)``, as :func:`evaluate` does."""
     return GenerationRequest(
         prompt=sample.caption, text_prompt=text_prompt_for(sample.lines),
         positions=[ln.polygon for ln in sample.lines], colors=[ln.color for ln in sample.lines],
@@ -440,7 +443,7 @@ def _run_spec(ctx: _Context, spec: RunSpec, rec: _RunRecord, samples: list[EvalS
     """Generate, save, score and read every sample with one run setting (after an untimed warm-up)."""
     if ctx.cfg.warmup:
         # untimed, one step at the same shapes: first-call allocations, the blank-image posterior
-        warm = _request(samples[0], spec, ctx.cfg)
+        warm = sample_request(samples[0], spec, ctx.cfg)
         warm.steps = 1
         try:
             ctx.gen(warm, x_T=ctx.noise(samples[0]))
@@ -448,7 +451,7 @@ def _run_spec(ctx: _Context, spec: RunSpec, rec: _RunRecord, samples: list[EvalS
             pass  # the sample itself reports the error below
     for s, rec_s in zip(samples, per_sample):
         try:
-            res = ctx.gen(_request(s, spec, ctx.cfg), x_T=ctx.noise(s))
+            res = ctx.gen(sample_request(s, spec, ctx.cfg), x_T=ctx.noise(s))
         except InputError as e:
             rec.failed += 1
             rec_s["failed"][spec.name] = str(e)

@@ -94,6 +94,45 @@ def synth_config(values: dict, where: str):
         raise ConfigError(f"{where}: {e}") from None
 
 
+TEACHER_IMAGES = "teacher_images"
+TEACHER_IMAGES_FIELDS = {"data": str, "model": str, "num": int, "seed": int, "a_prompt": str, "n_prompt": str}
+
+
+def teacher_images_settings(values: dict, where: str, synthetic: list[str]) -> dict:
+    """The validated settings of a dataset of the teacher's own images (``distill.teacher_data``)::
+
+        train_teacher:
+          teacher_images: {data: train, model: testbed, num: 1024, seed: 5000, a_prompt: ..., n_prompt: ...}
+
+    ``data``: a synthetic dataset of the recipe whose annotations are sampled; ``model``: the teacher (a model name
+    of ``factory.MODEL_NAMES``); ``num``: rows (default all); ``seed``: row i's x_T seed is seed + i (default 0);
+    ``a_prompt`` / ``n_prompt``: the sampling's prompts (default the evaluation's).
+    """
+    from ..factory import MODEL_NAMES
+
+    unknown = sorted(set(values) - {TEACHER_IMAGES})
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: a teacher_images dataset has no other field")
+    t = values[TEACHER_IMAGES]
+    if not isinstance(t, dict):
+        raise ConfigError(f"{where}.{TEACHER_IMAGES}: expected a mapping ({', '.join(TEACHER_IMAGES_FIELDS)})")
+    for k, v in t.items():
+        typ = TEACHER_IMAGES_FIELDS.get(k)
+        if typ is None:
+            raise ConfigError(f"{where}.{TEACHER_IMAGES}.{k}: unknown field (known: {', '.join(TEACHER_IMAGES_FIELDS)})")
+        if not isinstance(v, typ) or isinstance(v, bool):
+            raise ConfigError(f"{where}.{TEACHER_IMAGES}.{k}={v!r}: must be a {typ.__name__}")
+    if t.get("data") not in synthetic:
+        raise ConfigError(f"{where}.{TEACHER_IMAGES}.data={t.get('data')!r}: not a synthetic dataset of the recipe "
+                          f"({', '.join(synthetic) or 'none'})")
+    if t.get("model") not in MODEL_NAMES:
+        raise ConfigError(f"{where}.{TEACHER_IMAGES}.model={t.get('model')!r}: not a model name "
+                          f"({', '.join(MODEL_NAMES)})")
+    if t.get("num", 1) < 1 or t.get("seed", 0) < 0:
+        raise ConfigError(f"{where}.{TEACHER_IMAGES}: num must be >= 1 and seed >= 0")
+    return t
+
+
 def stage_train_config(stage: StageSpec, output_dir: str, json_paths: list[str], teacher: str | None,
                        check_files: bool = True):
     """The stage's validated ``TrainConfig`` with the recipe's parts filled in."""
@@ -124,7 +163,11 @@ def recipe_from_dict(d: dict) -> Recipe:
     for ds_name, values in datasets.items():
         if not isinstance(values, dict):
             raise ConfigError(f"datasets.{ds_name}: expected a mapping of make-data settings")
-        synth_config(values, f"datasets.{ds_name}")
+        if TEACHER_IMAGES in values:
+            teacher_images_settings(values, f"datasets.{ds_name}", [n for n in datasets if n != ds_name and
+                                                                   TEACHER_IMAGES not in datasets[n]])
+        else:
+            synth_config(values, f"datasets.{ds_name}")
     stages_doc = d.pop("stages", None) or {}
     if not isinstance(stages_doc, dict):
         raise ConfigError("stages: expected a mapping of name -> stage (run in the order given)")
@@ -165,4 +208,5 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | No
     return recipe_from_dict(d)
 
 
-__all__ = ["Recipe", "StageSpec", "load_recipe", "recipe_from_dict", "stage_train_config", "synth_config"]
+__all__ = ["Recipe", "StageSpec", "TEACHER_IMAGES", "load_recipe", "recipe_from_dict", "stage_train_config",
+           "synth_config", "teacher_images_settings"]

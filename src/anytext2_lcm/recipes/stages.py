@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Callable
 
 from ..atomic import commit_dir, write_json
-from .spec import Recipe, StageSpec, stage_train_config, synth_config
+from .spec import TEACHER_IMAGES, Recipe, StageSpec, stage_train_config, synth_config
 
 log = logging.getLogger(__name__)
 
 DONE = "done.json"
 STAGE_CODE = {
     "data": ("data/",),
+    "teacher_images": ("distill/teacher_data.py", "evaluate/runner.py", "generation.py", "pipeline.py", "models/",
+                       "samplers/", "conditioning.py", "data/", "defaults.py", "factory.py", "checkpoint.py"),
     "train": ("distill/", "models/", "data/", "lora/", "samplers/", "pipeline.py", "conditioning.py", "config.py",
               "checkpoint.py", "factory.py", "defaults.py"),
 }
@@ -78,8 +80,10 @@ class RecipeRun:
     stages: dict[str, StageInfo] = field(default_factory=dict)
 
     def json(self, dataset: str) -> Path:
-        """The annotation file of a dataset."""
-        return self.datasets[dataset].path / "anyword_synth.json"
+        """The annotation file of a dataset (its build's first file: ``anyword_synth.json`` for a synthetic one,
+        ``anyword_teacher.json`` for the teacher's images)."""
+        info = self.datasets[dataset]
+        return info.path / (info.info.get("files") or ["anyword_synth.json"])[0]
 
     def model(self, stage: str) -> Path:
         """The converted model folder of a teacher-side stage (vae, ocr, teacher)."""
@@ -159,7 +163,8 @@ def run_recipe(recipe: Recipe, root: str | Path, fresh: bool = False, only: tupl
     root.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(recipe.threads)
     run = RecipeRun(root)
-    for ds_name, values in recipe.datasets.items():
+    synthetic = {n: v for n, v in recipe.datasets.items() if TEACHER_IMAGES not in v}
+    for ds_name, values in synthetic.items():
         key = stage_key(f"data_{ds_name}", values, (), "data")
 
         def build(out: Path, values=values, ds_name=ds_name) -> dict:
@@ -167,6 +172,9 @@ def run_recipe(recipe: Recipe, root: str | Path, fresh: bool = False, only: tupl
             return {"files": [p.name for p in paths]}
 
         run.datasets[ds_name] = cached_stage(root, f"dataset {ds_name}", key, fresh, build, report)
+    for ds_name, values in recipe.datasets.items():
+        if TEACHER_IMAGES in values:
+            run.datasets[ds_name] = _teacher_images(run, ds_name, values[TEACHER_IMAGES], fresh, report)
     for stage in recipe.stages:
         teacher, start_id = _stage_start(run, stage)
         data_key = run.datasets[stage.data].path.name
@@ -182,6 +190,27 @@ def run_recipe(recipe: Recipe, root: str | Path, fresh: bool = False, only: tupl
         if only is not None and set(only) <= set(run.stages):
             break
     return run
+
+
+def _teacher_images(run: RecipeRun, name: str, t: dict, fresh: bool, report: Callable[[str], None]) -> StageInfo:
+    """A dataset of the teacher's own images of another dataset's annotations (``distill.teacher_data``)."""
+    from ..distill.components import teacher_identity
+    from ..distill.config import ModelSection
+
+    source = run.datasets[t["data"]]
+    key = stage_key(f"data_{name}", t, (source.path.name, teacher_identity(t["model"], ModelSection())),
+                    TEACHER_IMAGES)
+
+    def build(out: Path) -> dict:
+        from ..distill.teacher_data import write_teacher_dataset
+        from ..factory import build_model
+
+        model = build_model(t["model"]).eval()
+        path = write_teacher_dataset(model, [str(run.json(t["data"]))], out, t.get("num"), t.get("seed", 0),
+                                     t.get("a_prompt"), t.get("n_prompt"))
+        return {"files": [path.name]}
+
+    return cached_stage(run.root, f"dataset {name}", key, fresh, build, report)
 
 
 def _mean(v) -> float:
