@@ -1,6 +1,8 @@
 """Does the few-step student keep the teacher's legible text? LCM, PCM and CFG-free PCM students (the last with 4
 phases and, as PCM trains one student per step count, an 8-phase sibling for 8 steps), an 8-phase PCM student trained
-through its own CFG (``pcm.guided_student``) and LCM with the text-aware OCR loss, distilled from the built-in testbed
+through its own CFG (``pcm.guided_student``), the same student on the teacher's own DDIM timesteps and images
+(``pcm_guided_8_td``: ``distill.timestep_spacing: leading``, dataset ``teacher_images``) and LCM with the text-aware
+OCR loss, distilled from the built-in testbed
 teacher with the same budget and with the prompts the evaluation uses (``prompts:`` of the recipe), measured in one
 run. ``--set eval.dataset=validation`` evaluates on training-vocabulary lines instead, for choices.
 

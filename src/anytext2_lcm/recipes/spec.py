@@ -7,6 +7,8 @@ YAML form (``configs/testbed.yaml`` and ``configs/demo.yaml`` are complete examp
     datasets:                        # name -> make-data settings (data.synthetic.SynthConfig fields)
       train:   {num: 20000, size: 128, vocabulary: testbed-train, seed: 0, ...}
       heldout: {num: 256, size: 128, vocabulary: testbed-heldout, seed: 1000, ...}
+      train_teacher:                 # or the teacher's own images of another dataset (teacher_images_settings)
+        teacher_images: {data: train, model: testbed, num: 1024, seed: 5000}
     stages:                          # run in this order; name -> stage
       vae:
         from: null                   # null: a random model.preset; a stage above; or a model name (testbed)
