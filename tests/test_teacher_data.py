@@ -60,6 +60,9 @@ def test_teacher_dataset_is_the_evaluations_teacher_run(tiny, tmp_path):
     write_teacher_dataset(tiny, [str(src)], tmp_path / "t", num=2, seed=7, a_prompt="sharp", n_prompt="blur")
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "t" / "images").iterdir()} == before
     assert json.loads(path.read_text()) == doc
+    # other settings into the same folder would mix two runs' images: refused
+    with pytest.raises(ValueError, match="other settings"):
+        write_teacher_dataset(tiny, [str(src)], tmp_path / "t", num=2, seed=8, a_prompt="sharp", n_prompt="blur")
 
 
 def _recipe(**teacher):

@@ -186,9 +186,9 @@ def teacher_data(args) -> int:
     """sample the teacher on a dataset's annotations: its own images, as a dataset to distil on
 
     Every usable row is sampled as the evaluation samples its teacher run (the caption, the lines at their
-    positions and colours, 20-step DDIM with the model's CFG scale) and written with its lines as rendered. A student
-    distilled on these images is trained at states like those it is sampled at (``docs/methods.md``). A run that
-    stops resumes: images already written are kept.
+    positions and colours, 20-step DDIM with the model's CFG scale) and written with its lines as rendered, so that a
+    student can be distilled at states nearer to those it is sampled at (on the testbed it did not help: see
+    ``docs/methods.md``). A run that stops resumes with the same settings: images already written are kept.
     """
     import json
 

@@ -2,10 +2,10 @@
 
 Why: consistency distillation trains the student at forward-noised states q(x_t | x_0) of the *training images*,
 but the student is sampled along the *teacher's* trajectories, whose images are the teacher's renderings of the
-lines, not the dataset's. When the student's corrections are small (many phases, many steps) that gap decides: on
-the testbed a guided 8-phase PCM student jumps to its phase edges closer to the teacher's exact path than the
-undistilled control on noised data states, yet further than it along its own 8-step samples. With x_0 = the
-teacher's own sampled images, the training states lie where sampling goes (``docs/methods.md`` has the figures).
+lines, not the dataset's. Distilling on x_0 = the teacher's own sampled images puts the training states nearer to
+where sampling goes. Measured on the testbed (``docs/methods.md``, fourth run), 1024 such images did not help a
+guided 8-phase PCM student on the leading grid: as good at 1–4 steps, worse at 8 than the same student on the real
+training images. The option stays for larger teacher sets and other teachers; measure before relying on it.
 
 Each usable row of the source files (the evaluation's reader, :func:`~..evaluate.runner.load_eval_samples`: lines
 cut to ``max_chars``, polygons scaled to the generation size) is sampled exactly as the evaluation samples its
@@ -18,6 +18,7 @@ atomically and an interrupted run resumes: an image already on disk is kept, the
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import replace
@@ -72,6 +73,16 @@ def write_teacher_dataset(model, json_paths: list[str], out: str | Path, num: in
     spec = RunSpec("teacher", t.sampler, t.steps, t.cfg, (("eta", 0.0),))
     _, gen = apply_runtime_options(model, RuntimeOptions(), generator_cls=EvalGenerator, glyph_font=cfg.glyph_font)
     side = cfg.size // model.cfg.latent_factor
+    settings = {"sampler": t.sampler, "steps": t.steps, "cfg": t.cfg, "seed": seed, "a_prompt": cfg.a_prompt,
+                "n_prompt": cfg.n_prompt, "size": cfg.size, "sources": list(cfg.data)}
+    # A resumed run keeps the images on disk, so it must be the same run: refuse a folder made with other settings.
+    marker = out / "teacher_data_settings.json"
+    if marker.is_file():
+        if json.loads(marker.read_text()) != settings:
+            raise ValueError(f"{out}: holds teacher images made with other settings ({marker}); use a new folder")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(marker, settings)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     rows, t0, made = [], time.perf_counter(), 0
@@ -94,9 +105,7 @@ def write_teacher_dataset(model, json_paths: list[str], out: str | Path, num: in
                                          for ln in s.lines]})
     path = out / TEACHER_DATA_FILE
     write_json(path, {"data_root": "images", "data_list": rows,
-                      "generated_by": {"sampler": t.sampler, "steps": t.steps, "cfg": t.cfg, "seed": seed,
-                                       "a_prompt": cfg.a_prompt, "n_prompt": cfg.n_prompt, "size": cfg.size,
-                                       "sources": list(cfg.data)}})
+                      "generated_by": settings})
     log.info("teacher data: %d images in %s (%d sampled now, %.0f s)", len(rows), out, made,
              time.perf_counter() - t0)
     return path
