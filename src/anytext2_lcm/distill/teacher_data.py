@@ -18,6 +18,7 @@ atomically and an interrupted run resumes: an image already on disk is kept, the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -86,8 +87,7 @@ def write_teacher_dataset(model, json_paths: list[str], out: str | Path, num: in
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     rows, t0, made = [], time.perf_counter(), 0
-    ctx = L.disable_adapters(model) if L.lora_layers(model) else _nothing()
-    with ctx:
+    with L.disable_adapters(model) if L.lora_layers(model) else contextlib.nullcontext():
         for s in samples:
             name = f"{s.index:06d}.png"
             if not (images / name).exists():
@@ -109,9 +109,3 @@ def write_teacher_dataset(model, json_paths: list[str], out: str | Path, num: in
     log.info("teacher data: %d images in %s (%d sampled now, %.0f s)", len(rows), out, made,
              time.perf_counter() - t0)
     return path
-
-
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()

@@ -40,9 +40,8 @@ def render_validation(model, cfg, out_dir: Path, step: int) -> dict[str, np.ndar
     gen = Generator(model)
     options = {}
     if v.sampler == "pcm" and cfg.method == "pcm":  # visit exactly the student's phase edges
-        options = {"num_phases": cfg.pcm.num_phases, "convention": cfg.pcm.convention,
-                   "original_steps": cfg.distill.num_ddim_timesteps}
-    if v.sampler in ("lcm", "tcd", "pcm") and cfg.distill.timestep_spacing != "trailing":  # the student's grid
+        options = {"num_phases": cfg.pcm.num_phases, "convention": cfg.pcm.convention}
+    if v.sampler in ("lcm", "tcd", "pcm"):  # a student sampler visits the student's own grid
         options.update(original_steps=cfg.distill.num_ddim_timesteps, timestep_spacing=cfg.distill.timestep_spacing)
     images = {}
     with torch.no_grad():

@@ -83,7 +83,7 @@ class RecipeRun:
         """The annotation file of a dataset (its build's first file: ``anyword_synth.json`` for a synthetic one,
         ``anyword_teacher.json`` for the teacher's images)."""
         info = self.datasets[dataset]
-        return info.path / (info.info.get("files") or ["anyword_synth.json"])[0]
+        return info.path / info.info["files"][0]
 
     def model(self, stage: str) -> Path:
         """The converted model folder of a teacher-side stage (vae, ocr, teacher)."""

@@ -126,7 +126,9 @@ def distillation_grid(num_train_timesteps: int = 1000, original_steps: int = 50,
     if num_train_timesteps % original_steps or k < 2:
         raise ValueError(f"original_steps={original_steps}: the leading grid needs a divisor of "
                          f"{num_train_timesteps} of at most {num_train_timesteps // 2}")
-    return [k * i + 1 for i in range(original_steps)]
+    from .ddim import ldm_ddim_timesteps  # the teacher's own timesteps have one home (ddim imports this module)
+
+    return ldm_ddim_timesteps(original_steps, num_train_timesteps)
 
 
 def grid_positions(num_steps: int, num_points: int) -> list[int]:
